@@ -1,0 +1,212 @@
+"""Numeric comparison of two sets of per-token logprobs, with tolerances and readable failures.
+
+This is the assertion API for custom parity tests::
+
+    from pytest_rlparity import assert_logprobs_close, Tolerance
+
+    assert_logprobs_close(engine_lps, trainer_lps, Tolerance(max_abs=1e-3),
+                          token_ids=tokens, decode=tokenizer.decode)
+
+Inputs are ragged: one sequence of logprobs per completion. On failure the message
+shows which bounds broke, the summary statistics, and a table of the worst tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ParityError
+from .metrics import mismatch_stats
+from .settings import Tolerance
+
+Ragged = Sequence[Sequence[float]]
+
+BOUNDS: tuple[tuple[str, str], ...] = (
+    ("max_abs", "max_abs"),
+    ("mean_abs", "mean_abs"),
+    ("mean_offset", "mean_offset"),
+    ("k3_kl", "k3_kl"),
+    ("prob_diff_mean", "prob_diff_mean"),
+)
+"""(statistic, tolerance field) pairs that are checked; the others are reported only."""
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One token of a comparison, located by sequence and position."""
+
+    sequence: int
+    position: int
+    token_id: int | None
+    token: str
+    engine: float
+    trainer: float
+
+    @property
+    def diff(self) -> float:
+        return self.engine - self.trainer
+
+
+@dataclass
+class Comparison:
+    """The outcome of :func:`compare_logprobs`: statistics, broken bounds, worst tokens."""
+
+    stats: dict[str, float]
+    tolerance: Tolerance
+    violations: list[str] = field(default_factory=list)
+    worst: list[TokenRow] = field(default_factory=list)
+    out_of_support: list[TokenRow] = field(default_factory=list)
+    not_a_number: list[TokenRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def report(self, title: str = "engine vs trainer", limit: int = 10) -> str:
+        """A multi-line, human-readable account: verdict, statistics, worst tokens."""
+        verdict = "within tolerance" if self.ok else "OUT OF TOLERANCE: " + "; ".join(self.violations)
+        lines = [f"{title}: {verdict}", stats_table(self.stats, self.tolerance)]
+        if self.worst:
+            lines.append(f"worst {min(limit, len(self.worst))} of {self.stats.get('tokens', 0)} tokens by |engine - trainer|:")
+            lines.append(token_table(self.worst[:limit]))
+        if self.out_of_support:
+            lines.append(
+                f"{len(self.out_of_support)} sampled token(s) have probability 0 on one side "
+                "(outside the other's top-k/top-p/min-p support):"
+            )
+            lines.append(token_table(self.out_of_support[:limit]))
+        if self.not_a_number:
+            lines.append(f"{len(self.not_a_number)} token(s) with NaN logprobs:")
+            lines.append(token_table(self.not_a_number[:limit]))
+        return "\n".join(lines)
+
+
+def compare_logprobs(
+    engine: Ragged,
+    trainer: Ragged,
+    tolerance: Tolerance | None = None,
+    *,
+    token_ids: Sequence[Sequence[int]] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    worst: int = 10,
+) -> Comparison:
+    """Compare per-token logprobs sequence by sequence; never raises on a mismatch."""
+    tolerance = tolerance or Tolerance()
+    if len(engine) != len(trainer):
+        raise ValueError(f"{len(engine)} engine sequences vs {len(trainer)} trainer sequences")
+    finite_e: list[float] = []
+    finite_t: list[float] = []
+    rows: list[TokenRow] = []
+    outside: list[TokenRow] = []
+    nans: list[TokenRow] = []
+    for s, (eng, tr) in enumerate(zip(engine, trainer)):
+        if len(eng) != len(tr):
+            raise ValueError(
+                f"sequence {s}: {len(eng)} engine logprobs vs {len(tr)} trainer logprobs; "
+                "both sides must score the same tokens"
+            )
+        ids = token_ids[s] if token_ids is not None else None
+        for pos, (e, t) in enumerate(zip(eng, tr)):
+            tid = int(ids[pos]) if ids is not None else None
+            row = TokenRow(s, pos, tid, _token_text(tid, decode), float(e), float(t))
+            if row.engine == row.trainer == -math.inf:
+                continue  # both sides agree the token is impossible
+            if math.isnan(row.engine) or math.isnan(row.trainer):
+                nans.append(row)
+            elif math.isinf(row.engine) or math.isinf(row.trainer):
+                outside.append(row)
+            else:
+                finite_e.append(row.engine)
+                finite_t.append(row.trainer)
+                rows.append(row)
+    stats = mismatch_stats(finite_e, finite_t)
+    stats["out_of_support"] = len(outside)
+    stats["not_a_number"] = len(nans)
+    rows.sort(key=lambda r: abs(r.diff), reverse=True)
+    comparison = Comparison(stats, tolerance, [], rows[:worst], outside, nans)
+    comparison.violations = _violations(comparison, tolerance, rows)
+    return comparison
+
+
+def assert_logprobs_close(
+    engine: Ragged,
+    trainer: Ragged,
+    tolerance: Tolerance | None = None,
+    *,
+    token_ids: Sequence[Sequence[int]] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    title: str = "engine vs trainer",
+    layer: str = "custom",
+) -> Comparison:
+    """Assert that two sets of per-token logprobs agree; raise :class:`ParityError` with a table if not."""
+    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode)
+    if not comparison.ok:
+        raise ParityError(comparison.report(title), layer=layer)
+    return comparison
+
+
+def _violations(comparison: Comparison, tolerance: Tolerance, rows: Sequence[TokenRow]) -> list[str]:
+    stats = comparison.stats
+    found = []
+    if comparison.not_a_number:
+        found.append(f"{len(comparison.not_a_number)} NaN logprob(s)")
+    if len(comparison.out_of_support) > tolerance.max_out_of_support:
+        found.append(
+            f"{len(comparison.out_of_support)} token(s) outside the support > {tolerance.max_out_of_support} allowed"
+        )
+    if not stats.get("tokens"):
+        return found
+    for stat, bound_name in BOUNDS:
+        bound = getattr(tolerance, bound_name)
+        if bound is None:
+            continue
+        value = abs(stats[stat])
+        if stat == "max_abs" and tolerance.rtol:
+            if any(abs(r.diff) > bound + tolerance.rtol * abs(r.trainer) for r in rows):
+                found.append(f"max_abs {value:.3g} > {bound:g} + {tolerance.rtol:g}*|trainer|")
+        elif value > bound:
+            found.append(f"{stat} {value:.3g} > {bound:g}")
+    return found
+
+
+def stats_table(stats: dict[str, float], tolerance: Tolerance | None = None) -> str:
+    """Statistics with their bounds, one per line, failing ones marked."""
+    lines = []
+    for name, value in stats.items():
+        bound = getattr(tolerance, name, None) if tolerance else None
+        mark = ""
+        if isinstance(bound, (int, float)) and not isinstance(bound, bool):
+            mark = f"  (bound {bound:g})" + ("  <-- FAIL" if abs(value) > bound else "")
+        shown = f"{value:d}" if isinstance(value, int) else f"{value:.4g}"
+        lines.append(f"  {name:<17}{shown:>12}{mark}")
+    return "\n".join(lines)
+
+
+def token_table(rows: Sequence[TokenRow]) -> str:
+    header = f"  {'seq':>4} {'pos':>4}  {'token':<14}{'engine':>12}{'trainer':>12}{'diff':>11}"
+    body = [
+        f"  {r.sequence:>4} {r.position:>4}  {r.token:<14.14}{r.engine:>12.5g}{r.trainer:>12.5g}{_signed(r.diff):>11}"
+        for r in rows
+    ]
+    return "\n".join([header, *body])
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2e}" if math.isfinite(value) else str(value)
+
+
+def _token_text(token_id: int | None, decode: Callable[[list[int]], str] | None) -> str:
+    if token_id is None:
+        return ""
+    if decode is None:
+        return f"#{token_id}"
+    return f"{decode([token_id])!r}#{token_id}"
+
+
+def flatten(ragged: Ragged) -> np.ndarray:
+    """All tokens of a ragged set of logprobs, in order, as one float64 array."""
+    return np.asarray([x for seq in ragged for x in seq], dtype=np.float64)

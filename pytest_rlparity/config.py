@@ -1,0 +1,127 @@
+"""Where settings come from: built-in defaults < ini/pyproject < profile file < command line.
+
+Engine kwargs use the engine's own names (vLLM's ``EngineArgs``), so a CI matrix can
+flip one with ``--rlparity-engine-kwarg enable_prefix_caching=true`` and nothing else.
+Values are parsed as JSON when they parse (``true``, ``0.3``, ``{"head_dtype": "float32"}``)
+and kept as strings otherwise (``logprobs_mode=processed_logprobs``).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ENGINES = ("vllm", "hf")
+
+
+@dataclass
+class Options:
+    """The resolved settings of a parity session."""
+
+    enabled: bool
+    engine: str = "vllm"
+    model: str | None = None
+    model_seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Kwargs set by the user (the engine's defaults are added by the session)."""
+    kwarg_sources: dict[str, str] = field(default_factory=dict)
+    """For each user kwarg, where it was set (shown in the header)."""
+    golden_dir: Path = Path("golden")
+    update_goldens: str = "off"
+    start_timeout: float = 600.0
+    request_timeout: float = 300.0
+    max_engines: int = 2
+    tolerance: dict[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`~pytest_rlparity.settings.Tolerance` fields from a profile."""
+
+
+def parse_kwarg(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value parsed as JSON when it parses."""
+    key, sep, raw = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise pytest.UsageError(f"engine kwarg {item!r} is not KEY=VALUE (e.g. logprobs_mode=processed_logprobs)")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def parse_kwargs(items: Iterable[str]) -> dict[str, Any]:
+    return dict(parse_kwarg(i) for i in items if i.strip())
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """A TOML or JSON file with optional keys ``engine``, ``model``, ``engine_kwargs``, ``tolerance``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise pytest.UsageError(f"rlparity profile {path} does not exist") from None
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise pytest.UsageError(f"rlparity profile {path} is not valid {path.suffix or 'TOML'}: {exc}") from None
+    allowed = {"engine", "model", "engine_kwargs", "tolerance"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise pytest.UsageError(f"rlparity profile {path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    return data
+
+
+def resolve(config: pytest.Config) -> Options:
+    """Merge every source into :class:`Options`; raise ``pytest.UsageError`` on bad input."""
+    opt = config.getoption
+    update = opt("rlparity_update_goldens") or ("mismatch" if opt("snapshot_update", default=False) else "off")
+    options = Options(
+        enabled=bool(opt("rlparity")),
+        golden_dir=_path(config, opt("rlparity_golden_dir") or config.getini("rlparity_golden_dir")),
+        update_goldens=update,
+        start_timeout=float(opt("rlparity_start_timeout") or config.getini("rlparity_start_timeout")),
+        request_timeout=float(opt("rlparity_request_timeout") or config.getini("rlparity_request_timeout")),
+        max_engines=int(config.getini("rlparity_max_engines")),
+    )
+    kwargs: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def layer(values: dict[str, Any], source: str) -> None:
+        kwargs.update(values)
+        sources.update(dict.fromkeys(values, source))
+
+    layer(parse_kwargs(config.getini("rlparity_engine_kwargs")), "ini")
+    engine = config.getini("rlparity_engine") or "vllm"
+    model = config.getini("rlparity_model") or None
+    model = str(_path(config, model)) if model else None
+    profile_path = opt("rlparity_profile") or config.getini("rlparity_profile")
+    if profile_path:
+        path = _path(config, profile_path)
+        profile = load_profile(path)
+        layer(dict(profile.get("engine_kwargs", {})), f"profile {path.name}")
+        engine = profile.get("engine", engine)
+        if profile.get("model"):
+            model = str((path.parent / profile["model"]).resolve())
+        options.tolerance = dict(profile.get("tolerance", {}))
+    layer(parse_kwargs(opt("rlparity_engine_kwarg") or []), "command line")
+    engine = opt("rlparity_engine") or engine
+    if opt("rlparity_model"):
+        model = str(Path(opt("rlparity_model")).expanduser().resolve())
+    if engine not in ENGINES:
+        raise pytest.UsageError(f"--rlparity-engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise pytest.UsageError(
+            f"--rlparity-model {model}: not a local Hugging Face model directory (no config.json). "
+            "pytest-rlparity never downloads models; point it at a directory on disk."
+        )
+    options.engine, options.model = engine, model
+    options.engine_kwargs, options.kwarg_sources = kwargs, sources
+    return options
+
+
+def _path(config: pytest.Config, value: str | Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(config.rootpath) / path

@@ -1,0 +1,73 @@
+"""The one small protocol every engine implements, and the records it returns.
+
+An engine turns token-id prompts into completions with the logprob of every sampled
+token, and scores fixed sequences teacher-forced. That is all the checks need, so a
+new engine (SGLang, a team's own server) is one class with four methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ..settings import SamplingSettings
+
+
+@dataclass
+class Completion:
+    """One sampled continuation, token by token, as the engine reported it."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    """The engine's logprob of each sampled token (what the trainer will use as behaviour logprobs)."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """Per position, every ``token_id -> logprob`` the engine reported (top-k plus the sampled token)."""
+    text: str = ""
+    finish_reason: str = "length"
+    """``"stop"`` (EOS, stop token or stop string) or ``"length"``."""
+    stop_reason: int | str | None = None
+    """vLLM's convention: the stop token id or stop string that ended it; ``None`` for EOS or length."""
+    echoed_prompt_ids: list[int] | None = None
+    """The prompt token ids as the engine saw them, when it reports them."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What produced a set of logprobs; recorded in every golden and the report header."""
+
+    name: str
+    version: str
+    device: str
+    dtype: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def platform(self) -> str:
+        """Goldens are kept per platform: numerics differ between devices and dtypes."""
+        return f"{self.device}-{self.dtype}"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference engine under test."""
+
+    info: EngineInfo
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
+        """Sample one completion per prompt; request ``i`` uses seed ``settings.seed + i``."""
+        ...
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Teacher-forced raw logprobs of tokens ``1..n-1`` of each sequence (the first has no context)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engine and every process it started. Safe to call twice."""
+        ...
+
+
+def request_seed(settings: SamplingSettings, index: int) -> int | None:
+    """Per-request seed: distinct per prompt, reproducible per run."""
+    return None if settings.seed is None else settings.seed + index

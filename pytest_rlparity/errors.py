@@ -1,0 +1,22 @@
+"""Exceptions that carry what a person needs to act: the layer, the likely cause, what to do."""
+
+from __future__ import annotations
+
+
+class ParityError(AssertionError):
+    """A parity check failed. ``layer`` says where; ``cause`` names the likely culprit."""
+
+    def __init__(self, message: str, *, layer: str, cause: str | None = None, headline: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.cause = cause
+        self.headline = headline
+        """One line for the session summary; defaults to the message's first line."""
+
+
+class GoldenError(AssertionError):
+    """A golden snapshot is missing, unreadable or from another model/configuration."""
+
+
+class EngineError(RuntimeError):
+    """An engine could not be configured, started, or stopped answering."""

@@ -1,0 +1,100 @@
+"""Fixtures for parity tests: engines, the tiny trainer, prompts, tolerances, goldens.
+
+All of them skip the test unless pytest runs with ``--rlparity``, so a suite that uses
+them stays cheap in ordinary runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from .golden import GoldenRecord
+from .session import LAYERS, RLParitySession
+from .settings import Tolerance
+
+SESSION_KEY = pytest.StashKey[RLParitySession]()
+
+DISABLED_REASON = "parity tests start a real engine: run pytest with --rlparity"
+
+
+def get_session(config: pytest.Config) -> RLParitySession | None:
+    return config.stash.get(SESSION_KEY, None)
+
+
+@pytest.fixture(scope="session")
+def rlparity_session(request: pytest.FixtureRequest) -> RLParitySession:
+    """The run's :class:`~pytest_rlparity.session.RLParitySession` (skips without ``--rlparity``)."""
+    session = get_session(request.config)
+    if session is None:
+        pytest.skip(DISABLED_REASON)
+    return session
+
+
+@pytest.fixture(scope="session")
+def rlparity_engine(rlparity_session: RLParitySession) -> Any:
+    """The engine under test with the session's kwargs (defaults, ini, profile, command line)."""
+    return rlparity_session.engine()
+
+
+@pytest.fixture(scope="session")
+def rlparity_engine_factory(rlparity_session: RLParitySession) -> Callable[..., Any]:
+    """``factory(**kwarg_overrides)`` -> a running engine; engines are shared per configuration."""
+    return rlparity_session.engine
+
+
+@pytest.fixture(scope="session")
+def rlparity_trainer(rlparity_session: RLParitySession) -> Any:
+    """The tiny trainer in fp32 (body and lm_head): the recompute the engine must match."""
+    return rlparity_session.trainer()
+
+
+@pytest.fixture(scope="session")
+def rlparity_trainer_factory(rlparity_session: RLParitySession) -> Callable[..., Any]:
+    """``factory(dtype="bfloat16", head_dtype="float32")`` -> a trainer with that numerical path."""
+    return rlparity_session.trainer
+
+
+@pytest.fixture(scope="session")
+def rlparity_tolerance(rlparity_session: RLParitySession) -> Tolerance:
+    """The default engine-vs-trainer tolerance for the engine's dtype, with profile overrides."""
+    return rlparity_session.tolerance()
+
+
+@pytest.fixture(scope="session")
+def rlparity_prompts(rlparity_trainer: Any) -> list[list[int]]:
+    """Built-in prompts as token ids: the start of each sentence of the embedded corpus."""
+    from .model import CORPUS
+
+    return [rlparity_trainer.tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS]
+
+
+class GoldenCheck:
+    """Compares one test's record with its golden; bound to the test by :func:`rlparity_golden`."""
+
+    def __init__(self, session: RLParitySession, node: pytest.Item) -> None:
+        self.session = session
+        self.node = node
+
+    def check(self, record: GoldenRecord, info: Any, name: str | None = None) -> None:
+        """Compare with (or, when updating, write) the golden for this test on ``info``'s platform."""
+        layer = next((m for m in LAYERS if self.node.get_closest_marker(m)), "custom")
+        store = self.session.goldens
+        path = store.path_for(info.platform, layer, name or self.node.name)
+        note = store.check(
+            path,
+            record,
+            self.session.golden_tolerance(info.dtype),
+            provenance=self.session.provenance(info),
+            nodeid=self.node.nodeid,
+        )
+        if note:
+            self.session.golden_notes.append(note)
+
+
+@pytest.fixture
+def rlparity_golden(rlparity_session: RLParitySession, request: pytest.FixtureRequest) -> GoldenCheck:
+    """Golden snapshot of this test: ``rlparity_golden.check(record, engine.info)``."""
+    return GoldenCheck(rlparity_session, request.node)

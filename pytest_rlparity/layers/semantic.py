@@ -1,0 +1,249 @@
+"""Semantic layer: do the engine's logprobs *mean* what the trainer assumes?
+
+The trainer uses the engine's per-token logprobs as the behaviour policy. They must be
+logprobs of the sampled token, at the right position, under the processed distribution
+the sampler drew from. Each way of getting that wrong has a signature, and this module
+names the signature instead of only reporting that numbers differ:
+
+- raw instead of processed logprobs: the engine matches the trainer's *raw* distribution
+  (the post's first V1 fix, ``logprobs_mode=processed_logprobs``);
+- logits instead of logprobs: values above zero;
+- an off-by-one between tokens and logprobs: the engine matches the trainer one position over;
+- the sampled token missing from what the engine reports;
+- token ids that do not round-trip (prompt echo, vocabulary range, detokenised text);
+- finish handling: EOS, stop tokens and stop strings as the last token, ``length`` at max_tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..compare import Comparison, compare_logprobs
+from ..engines.base import Completion
+from ..errors import ParityError
+from ..settings import SamplingSettings, Tolerance
+from ..trainer.recompute import Recompute
+
+LAYER = "semantic"
+
+DIAGNOSIS_RATIO = 10.0
+"""A hypothesis (raw, shifted) is named when it fits this many times better than the aligned, processed one."""
+
+
+@dataclass
+class Finding:
+    """One thing that is wrong, with its likely cause in words a person can act on."""
+
+    check: str
+    message: str
+
+
+@dataclass
+class SemanticReport:
+    """Everything the semantic layer found for one batch of completions."""
+
+    label: str
+    comparison: Comparison
+    alternatives: Comparison | None = None
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def message(self) -> str:
+        lines = [f"[{LAYER}] {self.label}: the engine's logprobs do not mean what the trainer assumes"]
+        lines += [f"  - {f.check}: {f.message}" for f in self.findings]
+        lines.append(self.comparison.report("sampled tokens, engine vs trainer (processed)"))
+        if self.alternatives is not None and not self.alternatives.ok:
+            lines.append(self.alternatives.report("reported top-k alternatives, engine vs trainer"))
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            first = self.findings[0]
+            raise ParityError(self.message(), layer=LAYER, cause=first.check, headline=f"{self.label}: {first.message}")
+
+
+def check_completions(
+    completions: Sequence[Completion],
+    recompute: Recompute,
+    settings: SamplingSettings,
+    tolerance: Tolerance,
+    *,
+    tokenizer: Any,
+) -> SemanticReport:
+    """Run every semantic check on completions the engine sampled with ``settings``.
+
+    ``tokenizer`` is the trainer's Hugging Face tokenizer: it decodes tokens for the
+    report and checks the engine's text and EOS handling.
+    """
+    vocab_size, eos_token_id = len(tokenizer), tokenizer.eos_token_id
+    decode = tokenizer.decode
+
+    def text_of(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    engine = [c.logprobs for c in completions]
+    token_ids = [c.token_ids for c in completions]
+    comparison = compare_logprobs(engine, recompute.processed, tolerance, token_ids=token_ids, decode=decode)
+    report = SemanticReport(settings.label(), comparison)
+    findings = report.findings
+    findings += _reported_tokens(completions)
+    findings += _token_ids(completions, vocab_size, text_of)
+    findings += _finish(completions, settings, eos_token_id, text_of)
+    if not comparison.ok:
+        findings += _diagnose(engine, recompute, tolerance, comparison)
+    if recompute.alternatives is not None and settings.top_logprobs:
+        report.alternatives = _alternatives(completions, recompute, tolerance, decode)
+        if not report.alternatives.ok:
+            findings.append(Finding("top-k alternatives", "the engine's reported alternatives disagree with the trainer"))
+    return report
+
+
+def _diagnose(
+    engine: Sequence[Sequence[float]], recompute: Recompute, tolerance: Tolerance, aligned: Comparison
+) -> list[Finding]:
+    if any(lp > 1e-6 for seq in engine for lp in seq):
+        return [
+            Finding(
+                "logprobs_mode",
+                "the engine returned values above 0, so they are logits, not log-probabilities "
+                "(logprobs_mode=raw_logits or processed_logits). Set logprobs_mode=processed_logprobs.",
+            )
+        ]
+    baseline = max(aligned.stats.get("mean_abs", 0.0), 1e-12)
+    raw = compare_logprobs(engine, recompute.raw, tolerance)
+    if raw.ok or raw.stats.get("mean_abs", 0.0) * DIAGNOSIS_RATIO < baseline:
+        return [
+            Finding(
+                "logprobs_mode",
+                "the engine's logprobs match the trainer's RAW distribution (before penalties, temperature, "
+                f"min-p, top-k, top-p; |diff| {raw.stats['mean_abs']:.2g} raw vs {baseline:.2g} processed, mean offset "
+                f"{aligned.stats['mean_offset']:+.3g} nats): the engine returns raw logprobs. "
+                "Set the engine kwarg logprobs_mode=processed_logprobs.",
+            )
+        ]
+    for shift, where in ((1, "one position ahead of"), (-1, "one position behind")):
+        shifted = compare_logprobs(*_shift(engine, recompute.processed, shift), tolerance)
+        if shifted.stats.get("tokens") and (
+            shifted.ok or shifted.stats["mean_abs"] * DIAGNOSIS_RATIO < baseline
+        ):
+            return [
+                Finding(
+                    "off-by-one",
+                    f"the engine's logprob list is {where} its token list (it matches the trainer at "
+                    f"position t{shift:+d}): tokens and logprobs are misaligned by one.",
+                )
+            ]
+    return [
+        Finding(
+            "logprob values",
+            "engine and trainer disagree beyond tolerance and the difference is not raw-vs-processed or a shift: "
+            "check the trainer's sampling settings, dtype and lm_head precision, and the engine's weights.",
+        )
+    ]
+
+
+def _shift(
+    engine: Sequence[Sequence[float]], trainer: Sequence[Sequence[float]], shift: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Pair engine position ``t`` with trainer position ``t + shift``."""
+    left, right = [], []
+    for e, t in zip(engine, trainer):
+        if shift > 0:
+            left.append(list(e[:-shift]) if len(e) > shift else [])
+            right.append(list(t[shift:]))
+        else:
+            left.append(list(e[-shift:]))
+            right.append(list(t[:shift]) if len(t) > -shift else [])
+    return left, right
+
+
+def _reported_tokens(completions: Sequence[Completion]) -> list[Finding]:
+    missing, count_mismatch = [], []
+    for i, c in enumerate(completions):
+        if len(c.logprobs) != len(c.token_ids):
+            count_mismatch.append(f"seq {i}: {len(c.token_ids)} tokens, {len(c.logprobs)} logprobs")
+        for pos, tok in enumerate(c.token_ids):
+            reported = c.top_logprobs[pos] if c.top_logprobs and pos < len(c.top_logprobs) else None
+            if reported is not None and tok not in reported:
+                missing.append(f"seq {i} pos {pos} token {tok}")
+    findings = []
+    if count_mismatch:
+        findings.append(Finding("token/logprob count", "; ".join(count_mismatch[:5])))
+    if missing:
+        findings.append(
+            Finding(
+                "sampled token present",
+                f"the sampled token is missing from the engine's reported logprobs at {len(missing)} position(s): "
+                + ", ".join(missing[:5]),
+            )
+        )
+    return findings
+
+
+def _token_ids(
+    completions: Sequence[Completion], vocab_size: int, decode: Callable[[list[int]], str]
+) -> list[Finding]:
+    problems = []
+    for i, c in enumerate(completions):
+        if c.echoed_prompt_ids is not None and c.echoed_prompt_ids != c.prompt_ids:
+            problems.append(f"seq {i}: the engine saw prompt ids {c.echoed_prompt_ids[:8]}..., sent {c.prompt_ids[:8]}...")
+        bad = [t for t in c.token_ids if not 0 <= t < vocab_size]
+        if bad:
+            problems.append(f"seq {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        elif not isinstance(c.stop_reason, str):
+            # A stop token's own text is not part of the output text.
+            ids = c.token_ids[:-1] if isinstance(c.stop_reason, int) else c.token_ids
+            text = decode(ids)
+            if not _same_text(c.text, text):
+                problems.append(f"seq {i}: the engine's text {c.text!r} is not the decoded token ids {text!r}")
+    return [Finding("token ids round-trip", "; ".join(problems[:5]))] if problems else []
+
+
+def _same_text(engine_text: str, decoded: str) -> bool:
+    """Equal, except that an incremental detokenizer holds back trailing incomplete UTF-8 bytes."""
+    return decoded.startswith(engine_text) and not decoded[len(engine_text) :].strip("\ufffd")
+
+
+def _finish(
+    completions: Sequence[Completion],
+    settings: SamplingSettings,
+    eos_token_id: int | None,
+    decode: Callable[[list[int]], str],
+) -> list[Finding]:
+    problems = []
+    for i, c in enumerate(completions):
+        last = c.token_ids[-1] if c.token_ids else None
+        if c.finish_reason == "length":
+            if len(c.token_ids) != settings.max_tokens:
+                problems.append(f"seq {i}: finish 'length' after {len(c.token_ids)} of {settings.max_tokens} tokens")
+        elif c.finish_reason != "stop":
+            problems.append(f"seq {i}: unknown finish reason {c.finish_reason!r}")
+        elif isinstance(c.stop_reason, int):
+            if last != c.stop_reason:
+                problems.append(f"seq {i}: stopped by token {c.stop_reason} but the last token is {last}")
+        elif isinstance(c.stop_reason, str):
+            if c.stop_reason not in decode(c.token_ids) or c.stop_reason in c.text:
+                problems.append(f"seq {i}: stop string {c.stop_reason!r} not at the end of the tokens, or left in the text")
+        elif last != eos_token_id:
+            problems.append(f"seq {i}: finished by EOS but the last token is {last}, not EOS {eos_token_id}")
+        if not settings.ignore_eos and eos_token_id in c.token_ids[:-1]:
+            problems.append(f"seq {i}: EOS inside the completion, generation should have stopped there")
+    return [Finding("finish handling", "; ".join(problems[:5]))] if problems else []
+
+
+def _alternatives(
+    completions: Sequence[Completion], recompute: Recompute, tolerance: Tolerance, decode: Callable[[list[int]], str]
+) -> Comparison:
+    """Compare every reported top-k alternative, not only the sampled token: the full distribution."""
+    engine, trainer, ids = [], [], []
+    for c, alts in zip(completions, recompute.alternatives or []):
+        for step, trainer_step in zip(c.top_logprobs or [], alts):
+            tokens = sorted(step)
+            engine.append([step[t] for t in tokens])
+            trainer.append([trainer_step[t] for t in tokens])
+            ids.append(tokens)
+    return compare_logprobs(engine, trainer, tolerance, token_ids=ids, decode=decode)

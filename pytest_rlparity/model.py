@@ -1,0 +1,180 @@
+"""The embedded default model: a tiny Llama and tokenizer made on the spot, and fingerprints.
+
+Nothing is downloaded. The model is generated from a seed, cached on disk, and
+identified by a fingerprint (a hash of config, weights and tokenizer) that every
+golden records, so a golden never gets compared against a different model by accident.
+Any local Hugging Face model directory can replace it; it is fingerprinted the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+GENERATOR_VERSION = 1
+"""Bump when the generated model changes, so stale caches are not reused."""
+
+DEFAULT_SEED = 0
+
+CORPUS = (
+    "The engine samples a token and reports its log probability.",
+    "The trainer recomputes the same log probability with teacher forcing.",
+    "A policy ratio near one means the rollout and the trainer agree.",
+    "Temperature, top k, top p and min p reshape the distribution before sampling.",
+    "Penalties for repetition, presence and frequency change the logits first.",
+    "A cached prefix can hold keys and values from before a weight update.",
+    "Correctness before corrections: check the backend before the objective.",
+    "Numbers one two three four five six seven eight nine ten.",
+    "The quick brown fox jumps over the lazy dog, again and again.",
+    "Small models learn fast, and tiny models are faster still.",
+)
+"""Text the byte-level BPE is trained on; also the source of the built-in prompts."""
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+VOCAB_SIZE = 352
+HIDDEN = 128
+HEADS = 2  # head_dim 64: vLLM's CPU attention refuses head_dim 16.
+LAYERS = 2
+INTERMEDIATE = 256
+INIT_STD = 0.15
+"""Larger than usual so the distribution is peaked, like a trained model's, not near-uniform."""
+MAX_POSITIONS = 1024
+
+FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def cache_root() -> Path:
+    """Where generated models live: ``$RLPARITY_CACHE_DIR`` or the user's cache directory."""
+    explicit = os.environ.get("RLPARITY_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pytest-rlparity"
+
+
+def embedded_model(seed: int = DEFAULT_SEED, root: Path | None = None) -> Path:
+    """Return the directory of the tiny model for ``seed``, generating it once.
+
+    Generation happens in a temporary sibling directory that is renamed into place, so
+    concurrent pytest-xdist workers never see a half-written model.
+    """
+    root = root or cache_root()
+    target = root / f"tiny-llama-g{GENERATOR_VERSION}-seed{seed}"
+    marker = target / ".rlparity-complete"
+    if marker.is_file() and marker.read_text().strip() == fingerprint(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
+    try:
+        _generate(staging, seed)
+        (staging / ".rlparity-complete").write_text(fingerprint(staging) + "\n")
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)  # an interrupted or corrupt cache entry
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not marker.is_file():  # not a concurrent winner: a real error
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _generate(directory: Path, seed: int) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS, trainer=trainer)
+    bos_id = bpe.token_to_id(BOS)
+    bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+        bos_token_id=bos_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
+        # EOS shares the output row of "." so generations end now and then and the
+        # EOS path is exercised; a random row would almost never be sampled.
+        period = tokenizer.convert_tokens_to_ids(".")
+        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight[period]
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """A stable hash of a model directory's config, tokenizer and weights.
+
+    JSON files are hashed in canonical form without ``transformers_version``, and
+    safetensors by tensor name, dtype, shape and bytes, so re-saving with a newer
+    library does not change the fingerprint while any change of weights does.
+    Reads no code and imports nothing heavy.
+    """
+    directory = Path(model_dir)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_FILES:
+        path = directory / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                data.pop("transformers_version", None)
+            digest.update(name.encode() + b"\0" + json.dumps(data, sort_keys=True).encode())
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{directory} has no *.safetensors weights to fingerprint")
+    for path in weights:
+        _hash_safetensors(path, digest)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _hash_safetensors(path: Path, digest: hashlib._Hash) -> None:
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        start = 8 + header_len
+        for name in sorted(k for k in header if k != "__metadata__"):
+            meta = header[name]
+            begin, end = meta["data_offsets"]
+            digest.update(f"{name}:{meta['dtype']}:{meta['shape']}".encode())
+            f.seek(start + begin)
+            remaining = end - begin
+            while remaining:
+                chunk = f.read(min(remaining, 1 << 24))
+                if not chunk:
+                    raise ValueError(f"{path} is truncated: tensor {name} runs past the end of the file")
+                digest.update(chunk)
+                remaining -= len(chunk)

@@ -1,0 +1,164 @@
+"""pytest hooks: options, markers, gating, report header and the layered summary.
+
+Only hooks live here; the work is in the modules they call. Without ``--rlparity``
+nothing heavy is imported and every parity test is skipped with a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import pytest
+
+from . import config as rlconfig
+from .errors import EngineError, GoldenError, ParityError
+from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
+    DISABLED_REASON,
+    SESSION_KEY,
+    get_session,
+    rlparity_engine,
+    rlparity_engine_factory,
+    rlparity_golden,
+    rlparity_prompts,
+    rlparity_session,
+    rlparity_tolerance,
+    rlparity_trainer,
+    rlparity_trainer_factory,
+)
+from .session import LAYER_DOC, LAYERS, Outcome, RLParitySession
+
+CAUSE_KEY = "rlparity_cause"
+HEADLINE_KEY = "rlparity_headline"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register ``--rlparity*`` options and their ini keys."""
+    group = parser.getgroup("rlparity", "RL logprob parity (pytest-rlparity)")
+    group.addoption("--rlparity", action="store_true", help="run parity tests against a real engine")
+    group.addoption("--rlparity-model", metavar="DIR", help="local Hugging Face model directory (default: embedded tiny model)")
+    group.addoption("--rlparity-engine", choices=rlconfig.ENGINES, help="engine under test (default: vllm)")
+    group.addoption(
+        "--rlparity-engine-kwarg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="engine kwarg in the engine's own names, value parsed as JSON when it parses; repeatable",
+    )
+    group.addoption("--rlparity-profile", metavar="FILE", help="TOML/JSON profile: engine, model, engine_kwargs, tolerance")
+    group.addoption("--rlparity-golden-dir", metavar="DIR", help="where goldens live (default: golden/)")
+    group.addoption(
+        "--rlparity-update-goldens",
+        nargs="?",
+        const="mismatch",
+        choices=("mismatch", "all"),
+        help="write missing and out-of-tolerance goldens; =all rewrites every golden the run touches",
+    )
+    group.addoption("--rlparity-start-timeout", type=float, metavar="SECONDS", help="give up on an engine start after this long")
+    group.addoption("--rlparity-request-timeout", type=float, metavar="SECONDS", help="give up on one engine call after this long")
+    parser.addini("rlparity_model", "local Hugging Face model directory", default="")
+    parser.addini("rlparity_engine", "engine under test: vllm or hf", default="vllm")
+    parser.addini("rlparity_engine_kwargs", "engine kwargs, one KEY=VALUE per line", type="linelist", default=[])
+    parser.addini("rlparity_profile", "profile file (TOML or JSON)", default="")
+    parser.addini("rlparity_golden_dir", "golden snapshot directory", default="golden")
+    parser.addini("rlparity_start_timeout", "seconds before an engine start is abandoned", default="600")
+    parser.addini("rlparity_request_timeout", "seconds before one engine call is abandoned", default="300")
+    parser.addini("rlparity_max_engines", "engines kept running at once", default="2")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the layer markers and, with ``--rlparity``, open the parity session."""
+    config.addinivalue_line("markers", "rlparity: a parity test (needs --rlparity)")
+    for layer in LAYERS:
+        config.addinivalue_line("markers", f"{layer}: parity layer '{layer}': {LAYER_DOC[layer]} (needs --rlparity)")
+    options = rlconfig.resolve(config)
+    if options.enabled:
+        session = RLParitySession(options)
+        config.stash[SESSION_KEY] = session
+        config.pluginmanager.register(OutcomeRecorder(session), "rlparity-outcomes")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name the engine, its version, the model fingerprint, device and dtype."""
+    session = get_session(config)
+    if session is None:
+        return ["rlparity: off (parity tests are skipped; run with --rlparity)"]
+    return session.header()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without ``--rlparity``, skip every parity test (layer-marked or using rlparity fixtures)."""
+    if get_session(config) is not None:
+        return
+    skip = pytest.mark.skip(reason=DISABLED_REASON)
+    for item in items:
+        if _is_parity(item):
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the likely cause of a parity failure to the report (it survives pytest-xdist)."""
+    report = yield
+    if call.excinfo is not None and report.failed:
+        exc = call.excinfo.value
+        if isinstance(exc, ParityError):
+            cause = exc.cause or exc.layer
+        elif isinstance(exc, GoldenError):
+            cause = "golden"
+        elif isinstance(exc, EngineError):
+            cause = "engine"
+        else:
+            cause = None
+        if cause:
+            report.user_properties.append((CAUSE_KEY, cause))
+            headline = getattr(exc, "headline", None) or str(exc).strip().splitlines()[0]
+            report.user_properties.append((HEADLINE_KEY, headline[:240]))
+    return report
+
+
+class OutcomeRecorder:
+    """Records each parity test's outcome under its layer (also on the xdist controller)."""
+
+    def __init__(self, session: RLParitySession) -> None:
+        self.session = session
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not (report.when == "call" or (report.when == "setup" and not report.passed)):
+            return
+        layer = next((m for m in LAYERS if m in report.keywords), None)
+        if layer is None and "rlparity" not in report.keywords:
+            return
+        props = dict(report.user_properties)
+        self.session.outcomes.append(
+            Outcome(report.nodeid, layer or "custom", report.outcome, props.get(CAUSE_KEY), props.get(HEADLINE_KEY, ""))
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Close every engine, also after failures and Ctrl-C."""
+    parity = get_session(session.config)
+    if parity is not None:
+        parity.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Results by layer, lowest first, so the root cause is read before its consequences."""
+    parity = get_session(config)
+    if parity is None:
+        return
+    lines = parity.summary()
+    if lines:
+        terminalreporter.section("rlparity: results by layer (lowest first)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    parity = get_session(config)
+    if parity is not None:
+        parity.close()
+
+
+def _is_parity(item: pytest.Item) -> bool:
+    if any(item.get_closest_marker(m) for m in (*LAYERS, "rlparity")):
+        return True
+    return any(name.startswith("rlparity_") for name in getattr(item, "fixturenames", ()))

@@ -1,0 +1,1 @@
+"""The built-in parity suite: ``pytest --rlparity --pyargs pytest_rlparity.suite`` from any repository."""

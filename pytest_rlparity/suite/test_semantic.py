@@ -1,0 +1,87 @@
+"""Semantic layer of the built-in suite: the engine's logprobs mean what the trainer assumes.
+
+Each case samples the built-in prompts with one sampling configuration, recomputes the
+sampled tokens' logprobs in the tiny trainer under the processed distribution, and
+compares. The grid covers every knob that changes the processed distribution, because
+raw and processed logprobs only differ where one of them is on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+
+from pytest_rlparity.golden import record_from
+from pytest_rlparity.layers.semantic import check_completions
+from pytest_rlparity.settings import Case, SamplingSettings
+
+pytestmark = pytest.mark.semantic
+
+GRID = [
+    Case("greedy", SamplingSettings(temperature=0.0, top_logprobs=5), "argmax; processed = raw unless penalties"),
+    Case("temperature", SamplingSettings(temperature=0.7), "T != 1 alone separates raw from processed"),
+    Case("top_k", SamplingSettings(temperature=0.7, top_k=20, top_logprobs=5), "the post's setting; alternatives too"),
+    Case("top_p", SamplingSettings(temperature=0.9, top_p=0.8), "nucleus filtering"),
+    Case("min_p", SamplingSettings(temperature=1.0, min_p=0.1), "min-p alone, at T=1"),
+    Case(
+        "penalties",
+        SamplingSettings(temperature=0.8, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3),
+        "penalties depend on the tokens generated so far",
+    ),
+    Case(
+        "combined",
+        SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.1, top_logprobs=3),
+        "every stage at once, in vLLM's order",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: c.name)
+def test_sampled_logprobs_match_trainer(case, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
+    completions = rlparity_engine.generate(rlparity_prompts, case.settings)
+    recompute = rlparity_trainer.recompute(completions, case.settings)
+    report = check_completions(
+        completions, recompute, case.settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer
+    )
+    report.raise_if_failed()
+    rlparity_golden.check(record_from(completions, report.comparison.stats, case.settings.to_dict()), rlparity_engine.info)
+
+
+FINISH = [
+    Case("eos", SamplingSettings(temperature=1.0, max_tokens=64), "EOS ends generations and is scored"),
+    Case("stop_string", SamplingSettings(temperature=1.0, max_tokens=64, stop=(" the",)), "stop string cut from the text"),
+    Case("stop_token", SamplingSettings(temperature=1.0, max_tokens=64), "stop token: the run's most frequent token"),
+    Case("ignore_eos", SamplingSettings(temperature=1.0, max_tokens=64, ignore_eos=True), "EOS sampled mid-sequence, generation goes on"),
+]
+EXPECTED = {"eos": {"eos"}, "stop_string": {"stop string"}, "stop_token": {"stop token"}, "ignore_eos": {"length"}}
+
+
+def most_frequent_token(engine, prompts, settings) -> int:
+    """A stop token that the model will surely sample, whatever the model."""
+    counts = collections.Counter(t for c in engine.generate(prompts, settings) for t in c.token_ids[:-1])
+    return counts.most_common(1)[0][0]
+
+
+def finish_kind(completion) -> str:
+    if completion.finish_reason == "length":
+        return "length"
+    if isinstance(completion.stop_reason, str):
+        return "stop string"
+    return "stop token" if isinstance(completion.stop_reason, int) else "eos"
+
+
+@pytest.mark.parametrize("case", FINISH, ids=lambda c: c.name)
+def test_finish_handling(case, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
+    settings = case.settings
+    if case.name == "stop_token":
+        settings = dataclasses.replace(settings, stop_token_ids=(most_frequent_token(rlparity_engine, rlparity_prompts, settings),))
+    completions = rlparity_engine.generate(rlparity_prompts, settings)
+    kinds = {finish_kind(c) for c in completions}
+    missing = EXPECTED[case.name] - kinds
+    assert not missing, f"case {case.name} did not exercise {sorted(missing)} (saw {sorted(kinds)}): change the prompts or seed"
+    recompute = rlparity_trainer.recompute(completions, settings)
+    report = check_completions(completions, recompute, settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer)
+    report.raise_if_failed()
+    rlparity_golden.check(record_from(completions, report.comparison.stats, settings.to_dict()), rlparity_engine.info)

@@ -1,0 +1,89 @@
+"""The tiny trainer's recompute: teacher-forced logprobs of the engine's own rollouts.
+
+This is what an RL trainer does before its loss: feed prompt + completion through its
+own copy of the policy and read the logprob of each sampled token under the same
+*processed* distribution the sampler drew from. The body runs in ``dtype``; the final
+projection (lm_head) can run in a wider ``head_dtype``, as MiniMax-M1 and ScaleRL do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import sampling
+from ..engines.base import Completion
+from ..settings import SamplingSettings
+
+
+@dataclass
+class Recompute:
+    """Per-completion trainer logprobs of the sampled tokens."""
+
+    processed: list[list[float]]
+    """Under the processed distribution (what the sampler drew from): the parity target."""
+    raw: list[list[float]]
+    """Under the model's raw distribution: used to diagnose an engine that returns raw logprobs."""
+    alternatives: list[list[dict[int, float]]] | None = None
+    """Per position, the trainer's processed logprob of every token the engine reported there."""
+
+
+class Trainer:
+    """A transformers copy of the policy, as an RL trainer holds it."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "float32", head_dtype: str = "float32") -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = str(model_dir)
+        self.dtype = dtype
+        self.head_dtype = head_dtype
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype))
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.vocab_size = int(self.model.config.vocab_size)
+
+    @torch.no_grad()
+    def logits(self, sequence: Sequence[int]) -> torch.Tensor:
+        """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence``."""
+        ids = torch.as_tensor([list(sequence)])
+        if self.head_dtype == self.dtype:
+            return self.model(input_ids=ids).logits[0].float()
+        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
+        head = self.model.get_output_embeddings().weight
+        return torch.nn.functional.linear(hidden.to(getattr(torch, self.head_dtype)), head.to(getattr(torch, self.head_dtype))).float()
+
+    def completion_logits(self, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits at the positions that predict each completion token: ``[len(token_ids), V]``."""
+        full = list(prompt_ids) + list(token_ids)
+        start = len(prompt_ids) - 1
+        return self.logits(full[:-1])[start : start + len(token_ids)]
+
+    def recompute(self, completions: Sequence[Completion], settings: SamplingSettings) -> Recompute:
+        """Trainer logprobs of each completion's sampled tokens, processed and raw."""
+        processed, raw, alternatives = [], [], []
+        for c in completions:
+            if not c.token_ids:
+                processed.append([])
+                raw.append([])
+                alternatives.append([])
+                continue
+            logits = self.completion_logits(c.prompt_ids, c.token_ids)
+            tokens = torch.as_tensor(c.token_ids).unsqueeze(1)
+            lp = sampling.processed_logprobs(logits, settings, c.prompt_ids, c.token_ids)
+            processed.append(lp.gather(1, tokens).squeeze(1).tolist())
+            raw.append(sampling.raw_logprobs(logits).gather(1, tokens).squeeze(1).tolist())
+            reported = c.top_logprobs or []
+            alternatives.append([{t: float(lp[pos, t]) if 0 <= t < lp.shape[1] else float("nan") for t in step} for pos, step in enumerate(reported)])
+        return Recompute(processed, raw, alternatives)
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Raw teacher-forced logprobs of tokens ``1..n-1`` of each sequence (engine ``score`` twin)."""
+        out = []
+        for seq in sequences:
+            logits = self.logits(list(seq)[:-1])
+            tokens = torch.as_tensor(list(seq)[1:]).unsqueeze(1)
+            out.append(sampling.raw_logprobs(logits).gather(1, tokens).squeeze(1).tolist())
+        return out
