@@ -15,7 +15,11 @@ class ParityError(AssertionError):
 
 
 class GoldenError(AssertionError):
-    """A golden snapshot is missing, unreadable or from another model/configuration."""
+    """A golden snapshot is missing, unreadable, from another model/configuration, or out of tolerance."""
+
+    def __init__(self, message: str, *, headline: str | None = None) -> None:
+        super().__init__(message)
+        self.headline = headline
 
 
 class EngineError(RuntimeError):

@@ -135,7 +135,8 @@ class GoldenStore:
             f"this run differs from the golden {path}:\n  - "
             + "\n  - ".join(problems)
             + (f"\nprovenance that also differs: {'; '.join(noted)}" if noted else "")
-            + f"\nIf the change is intended, re-record with: {rerecord}"
+            + f"\nIf the change is intended, re-record with: {rerecord}",
+            headline=f"golden {path.name}: {problems[0]}",
         )
 
     def _write(self, path: Path, record: GoldenRecord, provenance: dict[str, Any]) -> None:

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, compare_logprobs
 from ..engines.base import Completion
 from ..errors import ParityError
 from ..settings import SamplingSettings, Tolerance
-from ..trainer.recompute import Recompute
+
+if TYPE_CHECKING:
+    from ..trainer.recompute import Recompute
+
 
 LAYER = "semantic"
 
@@ -113,7 +116,9 @@ def _diagnose(
                 "(logprobs_mode=raw_logits or processed_logits). Set logprobs_mode=processed_logprobs.",
             )
         ]
-    baseline = max(aligned.stats.get("mean_abs", 0.0), 1e-12)
+    if not aligned.stats.get("tokens"):
+        return [Finding("logprob values", "no token could be compared: " + "; ".join(aligned.violations))]
+    baseline = max(aligned.stats["mean_abs"], 1e-12)
     raw = compare_logprobs(engine, recompute.raw, tolerance)
     if raw.ok or raw.stats.get("mean_abs", 0.0) * DIAGNOSIS_RATIO < baseline:
         return [

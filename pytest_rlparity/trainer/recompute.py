@@ -70,11 +70,15 @@ class Trainer:
                 raw.append([])
                 alternatives.append([])
                 continue
-            logits = self.completion_logits(c.prompt_ids, c.token_ids)
-            tokens = torch.as_tensor(c.token_ids).unsqueeze(1)
-            lp = sampling.processed_logprobs(logits, settings, c.prompt_ids, c.token_ids)
-            processed.append(lp.gather(1, tokens).squeeze(1).tolist())
-            raw.append(sampling.raw_logprobs(logits).gather(1, tokens).squeeze(1).tolist())
+            # Ids outside the vocabulary are an engine fault the semantic layer reports;
+            # clamp them so the recompute runs, and mark their logprobs NaN.
+            ids = torch.as_tensor(c.token_ids)
+            invalid = (ids < 0) | (ids >= self.vocab_size)
+            ids = ids.clamp(0, self.vocab_size - 1)
+            logits = self.completion_logits(c.prompt_ids, ids.tolist())
+            lp = sampling.processed_logprobs(logits, settings, c.prompt_ids, ids.tolist())
+            processed.append(_gather(lp, ids, invalid))
+            raw.append(_gather(sampling.raw_logprobs(logits), ids, invalid))
             reported = c.top_logprobs or []
             alternatives.append([{t: float(lp[pos, t]) if 0 <= t < lp.shape[1] else float("nan") for t in step} for pos, step in enumerate(reported)])
         return Recompute(processed, raw, alternatives)
@@ -87,3 +91,8 @@ class Trainer:
             tokens = torch.as_tensor(list(seq)[1:]).unsqueeze(1)
             out.append(sampling.raw_logprobs(logits).gather(1, tokens).squeeze(1).tolist())
         return out
+
+
+def _gather(logprobs: torch.Tensor, ids: torch.Tensor, invalid: torch.Tensor) -> list[float]:
+    picked = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
+    return picked.masked_fill(invalid, float("nan")).tolist()

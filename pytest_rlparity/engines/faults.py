@@ -1,0 +1,61 @@
+"""Fault injection: wrap a real engine so that it makes one known mistake.
+
+A parity check is only worth having if it fails on the fault it exists to catch. Wrap
+the engine under test, run the check, and assert that it fails and names the fault::
+
+    from pytest_rlparity.engines.faults import FaultyEngine
+
+    broken = FaultyEngine(rlparity_engine, shift_logprobs=1)
+    with pytest.raises(ParityError, match="off-by-one"):
+        ...  # the same check as in the clean test
+
+Each fault mimics a real bug seen in RL stacks (see the field names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from ..settings import SamplingSettings
+from .base import Completion, Engine
+
+
+@dataclasses.dataclass
+class FaultyEngine:
+    """An engine that forwards to ``inner`` and corrupts its results in one named way."""
+
+    inner: Engine
+    shift_logprobs: int = 0
+    """Pair token ``t`` with the logprob of token ``t + shift`` (an off-by-one in output parsing)."""
+    drop_sampled_from_top: bool = False
+    """Remove the sampled token from the reported top-k dict (top-k read instead of the sampled logprob)."""
+    logprob_offset: float = 0.0
+    """Add a constant to every logprob (a forgotten temperature or normaliser)."""
+    retokenize_text: bool = False
+    """Report text that does not decode from the token ids (text re-tokenized or post-processed)."""
+
+    @property
+    def info(self):  # noqa: ANN201 - same type as the inner engine's
+        return self.inner.info
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
+        return [self._corrupt(c) for c in self.inner.generate(prompts, settings)]
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        return self.inner.score(sequences)
+
+    def close(self) -> None:
+        """The wrapped engine belongs to its owner; closing the wrapper leaves it running."""
+
+    def _corrupt(self, c: Completion) -> Completion:
+        logprobs = [lp + self.logprob_offset for lp in c.logprobs]
+        top = [dict(step) for step in c.top_logprobs] if c.top_logprobs is not None else None
+        if self.shift_logprobs and len(logprobs) > abs(self.shift_logprobs):
+            s = self.shift_logprobs
+            logprobs = logprobs[s:] + logprobs[:s]
+        if self.drop_sampled_from_top and top is not None:
+            for tok, step in zip(c.token_ids, top):
+                step.pop(tok, None)
+        text = c.text + " [edited]" if self.retokenize_text else c.text
+        return dataclasses.replace(c, logprobs=logprobs, top_logprobs=top, text=text)

@@ -1,0 +1,61 @@
+"""Shared pieces of the project's tests: the embedded model, a trainer, the reference engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  - imported once here: pytester's in-process runs cannot re-import torch
+import transformers  # noqa: F401
+
+from pytest_rlparity.model import cache_root
+
+REPO = Path(__file__).resolve().parents[1]
+
+# pytester points HOME at a temporary directory; keep using one model cache.
+os.environ.setdefault("RLPARITY_CACHE_DIR", str(cache_root()))
+
+
+def run_pytest(*args: str, cwd: Path | None = None, timeout: float = 900) -> "subprocess.CompletedProcess[str]":
+    """Run pytest in a fresh interpreter, as a user would, and capture what it prints."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from pytest_rlparity.model import embedded_model
+
+    return embedded_model()
+
+
+@pytest.fixture(scope="session")
+def trainer(tiny_model):
+    from pytest_rlparity.trainer.recompute import Trainer
+
+    return Trainer(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def prompts(trainer) -> list[list[int]]:
+    from pytest_rlparity.model import CORPUS
+
+    return [trainer.tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS[:6]]
+
+
+@pytest.fixture(scope="session")
+def hf_engine(tiny_model):
+    from pytest_rlparity.engines.hf import HFEngine
+
+    return HFEngine(str(tiny_model), {})

