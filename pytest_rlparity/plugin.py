@@ -6,6 +6,8 @@ nothing heavy is imported and every parity test is skipped with a reason.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Generator
 
 import pytest
@@ -74,6 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session = RLParitySession(options)
         config.stash[SESSION_KEY] = session
         config.pluginmanager.register(OutcomeRecorder(session), "rlparity-outcomes")
+        _interrupt_on_sigterm()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -156,6 +159,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     parity = get_session(config)
     if parity is not None:
         parity.close()
+
+
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a CI timeout, ``kill``) like Ctrl-C, so pytest's teardown closes the engines.
+
+    Only installed where nobody else handles SIGTERM, and only from the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt(f"received signal {signum}")
+
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _is_parity(item: pytest.Item) -> bool:

