@@ -88,8 +88,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without ``--rlparity``, skip every parity test (layer-marked or using rlparity fixtures)."""
+    """Run layers lowest first; without ``--rlparity``, skip every parity test."""
     if get_session(config) is not None:
+        items.sort(key=_layer_rank)  # stable: order within a layer is kept
         return
     skip = pytest.mark.skip(reason=DISABLED_REASON)
     for item in items:
@@ -174,6 +175,10 @@ def _interrupt_on_sigterm() -> None:
             raise KeyboardInterrupt(f"received signal {signum}")
 
         signal.signal(signal.SIGTERM, interrupt)
+
+
+def _layer_rank(item: pytest.Item) -> int:
+    return next((rank for rank, layer in enumerate(LAYERS) if item.get_closest_marker(layer)), len(LAYERS))
 
 
 def _is_parity(item: pytest.Item) -> bool:

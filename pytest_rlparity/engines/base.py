@@ -31,6 +31,8 @@ class Completion:
     """vLLM's convention: the stop token id or stop string that ended it; ``None`` for EOS or length."""
     echoed_prompt_ids: list[int] | None = None
     """The prompt token ids as the engine saw them, when it reports them."""
+    cached_tokens: int | None = None
+    """Prompt tokens whose KV came from the prefix cache, when the engine reports it."""
 
 
 @dataclass(frozen=True)
@@ -71,3 +73,16 @@ class Engine(Protocol):
 def request_seed(settings: SamplingSettings, index: int) -> int | None:
     """Per-request seed: distinct per prompt, reproducible per run."""
     return None if settings.seed is None else settings.seed + index
+
+
+@runtime_checkable
+class WeightSync(Protocol):
+    """An engine whose weights a trainer can replace while it runs."""
+
+    def update_weights(self, directory: str, *, method: str = "reload_dir", skip_prefixes: Sequence[str] = ()) -> None:
+        """Load the weights a trainer saved in ``directory`` (safetensors)."""
+        ...
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached KV, which was computed with the weights of its time."""
+        ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +106,22 @@ class HFEngine:
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         return self.model.score(sequences)
+
+    def update_weights(self, directory: str, *, method: str = "reload_dir", skip_prefixes: Sequence[str] = ()) -> None:
+        """Load the weights in ``directory``, leaving out tensors under ``skip_prefixes``."""
+        from safetensors.torch import load_file
+
+        if method not in ("reload_dir", "reload_tensors"):
+            raise EngineError(f"the hf engine updates weights with reload_dir or reload_tensors, not {method!r}")
+        state = self.model.state()
+        for path in sorted(Path(directory).glob("*.safetensors")):
+            for name, tensor in load_file(str(path)).items():
+                if name in state and not any(name.startswith(p) for p in skip_prefixes):
+                    state[name] = tensor
+        self.model.load_state(state)
+
+    def reset_prefix_cache(self) -> None:
+        """Nothing is cached."""
 
     def close(self) -> None:
         pass

@@ -39,6 +39,10 @@ class EnginePool:
     _alive: OrderedDict[str, Engine] = field(default_factory=OrderedDict)
     _failed: dict[str, EngineError] = field(default_factory=dict)
 
+    def handle(self, **overrides: Any) -> EngineHandle:
+        """A stable reference to the engine with ``overrides``, valid across evictions."""
+        return EngineHandle(self, overrides)
+
     def get(self, **overrides: Any) -> Engine:
         """The engine for the base kwargs updated with ``overrides`` (``None`` unsets a kwarg)."""
         kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
@@ -76,3 +80,22 @@ class EnginePool:
         while self._alive:
             _, engine = self._alive.popitem(last=False)
             engine.close()
+
+
+class EngineHandle:
+    """Forwards to the pool's engine for one configuration, (re)starting it when needed.
+
+    Tests hold handles, not engines, so the pool may close an engine to make room
+    without leaving anyone with a closed one.
+    """
+
+    def __init__(self, pool: EnginePool, overrides: dict[str, Any]) -> None:
+        self._pool = pool
+        self._overrides = overrides
+
+    @property
+    def engine(self) -> Engine:
+        return self._pool.get(**self._overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)

@@ -100,10 +100,19 @@ def watchdog(seconds: float, on_expiry: Callable[[], None]) -> Iterator[None]:
 
 
 def _children() -> list[psutil.Process]:
+    """Child processes, without multiprocessing's resource tracker (shared, ends with us)."""
     try:
-        return psutil.Process().children(recursive=True)
+        children = psutil.Process().children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    return [p for p in children if not _is_resource_tracker(p)]
+
+
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 @atexit.register

@@ -42,6 +42,12 @@ DEFAULT_KWARGS: dict[str, Any] = {
 On CPU ``gpu_memory_utilization`` is the fraction of RAM; vLLM's default 0.92 fails there.
 """
 
+WORKER_METHODS = {
+    "reload_tensors": "rlparity_reload_from_tensors",
+    "write_parameters": "rlparity_write_parameters",
+}
+"""Update methods that run inside the worker, by the extension's method names."""
+
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 """GiB of KV cache on CPU; vLLM's default sizing does not fit beside a trainer on small machines."""
 
@@ -170,6 +176,34 @@ class VLLMEngine:
             scored.append([entry[tok].logprob for tok, entry in zip(seq[1:], entries)])
         return scored
 
+    def update_weights(self, directory: str, *, method: str = "reload_dir", skip_prefixes: Sequence[str] = ()) -> None:
+        """Push the weights saved in ``directory`` into the running engine.
+
+        ``reload_dir``: vLLM's in-place ``reload_weights(weights_path=...)``.
+        ``reload_tensors``: ``reload_weights(weights_iterator=...)`` fed by the worker extension;
+        ``skip_prefixes`` leaves tensors out (a partial update, for fault tests).
+        ``write_parameters``: copy into ``named_parameters()`` (the naive path; a fault on CPU).
+        The last two need ``worker_extension_cls`` = :data:`~.vllm_worker.EXTENSION`.
+        """
+        with self._answering(f"update_weights({method})"):
+            if method == "reload_dir":
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+            elif method in ("reload_tensors", "write_parameters"):
+                if "worker_extension_cls" not in self.info.kwargs:
+                    raise EngineError(
+                        f"update method {method!r} needs the engine kwarg "
+                        "worker_extension_cls=pytest_rlparity.engines.vllm_worker.WeightSyncExtension"
+                    )
+                args = (str(directory), list(skip_prefixes)) if method == "reload_tensors" else (str(directory),)
+                self.llm.collective_rpc(WORKER_METHODS[method], args=args)
+            else:
+                raise EngineError(f"unknown update method {method!r}: reload_dir, reload_tensors or write_parameters")
+
+    def reset_prefix_cache(self) -> None:
+        """Drop cached KV blocks (they were computed with the weights of their time)."""
+        with self._answering("reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         llm, self.llm = self.llm, None
         if llm is not None:
@@ -219,6 +253,7 @@ class VLLMEngine:
             finish_reason=str(sample.finish_reason),
             stop_reason=sample.stop_reason,
             echoed_prompt_ids=list(output.prompt_token_ids or []),
+            cached_tokens=output.num_cached_tokens,
         )
 
     @contextmanager

@@ -83,6 +83,33 @@ class Trainer:
             alternatives.append([{t: float(lp[pos, t]) if 0 <= t < lp.shape[1] else float("nan") for t in step} for pos, step in enumerate(reported)])
         return Recompute(processed, raw, alternatives)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the weights (the tiny model makes this cheap)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def save(self, directory: str | os.PathLike[str]) -> str:
+        """Write the weights as safetensors, the form vLLM's ``reload_weights`` reads."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+        return str(directory)
+
+    def sft_step(self, sequences: Sequence[Sequence[int]], lr: float = 1e-2) -> float:
+        """One real optimizer step (AdamW) raising the likelihood of ``sequences``; returns the loss."""
+        self.model.train()
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
+        losses = []
+        for seq in sequences:
+            ids = torch.as_tensor([list(seq)])
+            losses.append(self.model(input_ids=ids, labels=ids).loss)
+        loss = torch.stack(losses).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        return float(loss.detach())
+
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Raw teacher-forced logprobs of tokens ``1..n-1`` of each sequence (engine ``score`` twin)."""
         out = []

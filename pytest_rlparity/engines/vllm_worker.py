@@ -1,0 +1,51 @@
+"""Worker-side weight updates for vLLM, as named methods of a worker extension class.
+
+vLLM mixes ``worker_extension_cls`` into each worker, and ``LLM.collective_rpc`` calls
+its methods by name with plain arguments (paths, names), so nothing is pickled and
+``VLLM_ALLOW_INSECURE_SERIALIZATION`` is never needed. Weights travel as safetensors
+files that the trainer wrote, which is how a trainer and an engine on one host share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+EXTENSION = "pytest_rlparity.engines.vllm_worker.WeightSyncExtension"
+
+
+def _tensors(directory: str, skip_prefixes: Sequence[str]) -> Iterator[tuple[str, object]]:
+    from safetensors.torch import load_file
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        for name, tensor in load_file(str(path)).items():
+            if not any(name.startswith(p) for p in skip_prefixes):
+                yield name, tensor
+
+
+class WeightSyncExtension:
+    """Methods added to every vLLM worker; ``self`` is the worker."""
+
+    def rlparity_reload_from_tensors(self, directory: str, skip_prefixes: Sequence[str] = ()) -> int:
+        """In-place reload from an iterator of ``(name, tensor)``; names under ``skip_prefixes`` are left out."""
+        items = list(_tensors(directory, skip_prefixes))
+        self.model_runner.reload_weights(weights_iterator=iter(items))
+        return len(items)
+
+    def rlparity_write_parameters(self, directory: str) -> int:
+        """Copy tensors straight into ``named_parameters()``: the naive update a trainer might write.
+
+        On vLLM's CPU backend the kernels read repacked copies of the weights, so this
+        changes nothing the model computes: exactly the silent no-op the checks must catch.
+        """
+        import torch
+
+        params = dict(self.model_runner.model.named_parameters())
+        written = 0
+        with torch.no_grad():
+            for name, tensor in _tensors(directory, ()):
+                target = params.get(name)
+                if target is not None and target.shape == tensor.shape:
+                    target.copy_(tensor.to(target.dtype))
+                    written += 1
+        return written
