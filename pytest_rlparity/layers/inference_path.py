@@ -143,14 +143,18 @@ def check_after_update(
         )
         return report
     if version >= 1:
-        old, mixed = fit.locate(history[-2], history[-1])
-        if mixed is not None and mixed.ok:
-            report.findings.append(
-                PathFinding(
-                    "partial update",
-                    f"after update v{version} the engine matches the new weights except {summarize(old)}, which still "
-                    f"hold v{version - 1}: part of the update did not arrive.",
+        changed, old, mixed = fit.locate(history[-2], history[-1])
+        if mixed.ok:
+            arrived = [n for n in changed if n not in old]
+            if len(arrived) < len(old):
+                detail = (
+                    f"only {summarize(arrived)} reached the engine; {summarize(old)} still hold v{version - 1} "
+                    "(writes into named_parameters() miss fused or repacked kernel weights: use the engine's reload path)"
                 )
+            else:
+                detail = f"the engine matches the new weights except {summarize(old)}, which still hold v{version - 1}"
+            report.findings.append(
+                PathFinding("partial update", f"after update v{version} {detail}: part of the update did not arrive.")
             )
             return report
     report.findings.append(
@@ -183,9 +187,12 @@ class _Fit:
 
     def locate(
         self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], max_passes: int = 3
-    ) -> tuple[list[str], Comparison | None]:
+    ) -> tuple[list[str], list[str], Comparison]:
         """Greedy search for the tensors the engine still holds at ``old``: start from ``new``,
-        flip a tensor back to ``old`` whenever that fits the engine better."""
+        flip a tensor back to ``old`` whenever that fits the engine better.
+
+        Returns the tensors that differ between versions, those found stale, and the fit.
+        """
         changed = [k for k in new if not bool((new[k] == old[k]).all())]
         stale: set[str] = set()
         best = self.compare(new)
@@ -198,7 +205,7 @@ class _Fit:
                     stale, best, improved = trial, candidate, True
             if improved is False or best.ok:
                 break
-        return sorted(stale), best
+        return changed, sorted(stale), best
 
 
 def summarize(names: Sequence[str]) -> str:
