@@ -33,6 +33,7 @@ class Options:
     kwarg_sources: dict[str, str] = field(default_factory=dict)
     """For each user kwarg, where it was set (shown in the header)."""
     golden_dir: Path = Path("golden")
+    artifacts_dir: Path = Path("rlparity-artifacts")
     update_goldens: str = "off"
     start_timeout: float = 600.0
     request_timeout: float = 300.0
@@ -81,6 +82,7 @@ def resolve(config: pytest.Config) -> Options:
     options = Options(
         enabled=bool(opt("rlparity")),
         golden_dir=_path(config, opt("rlparity_golden_dir") or config.getini("rlparity_golden_dir")),
+        artifacts_dir=_path(config, config.getini("rlparity_artifacts_dir")),
         update_goldens=update,
         start_timeout=float(opt("rlparity_start_timeout") or config.getini("rlparity_start_timeout")),
         request_timeout=float(opt("rlparity_request_timeout") or config.getini("rlparity_request_timeout")),

@@ -7,6 +7,7 @@ them stays cheap in ordinary runs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,11 +79,15 @@ class GoldenCheck:
         self.session = session
         self.node = node
 
+    def path(self, info: Any, name: str | None = None) -> Path:
+        """Where this test's golden lives for ``info``'s platform."""
+        layer = next((m for m in LAYERS if self.node.get_closest_marker(m)), "custom")
+        return self.session.goldens.path_for(info.platform, layer, name or self.node.name)
+
     def check(self, record: GoldenRecord, info: Any, name: str | None = None) -> None:
         """Compare with (or, when updating, write) the golden for this test on ``info``'s platform."""
-        layer = next((m for m in LAYERS if self.node.get_closest_marker(m)), "custom")
         store = self.session.goldens
-        path = store.path_for(info.platform, layer, name or self.node.name)
+        path = self.path(info, name)
         note = store.check(
             path,
             record,

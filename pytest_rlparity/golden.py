@@ -45,6 +45,8 @@ class GoldenTolerance:
     """Per-token |now - golden| for the same token ids."""
     stats_atol: dict[str, float] = field(default_factory=dict)
     """Per statistic |now - golden|; statistics not listed are recorded but not compared."""
+    curve_bands: dict[str, float] = field(default_factory=dict)
+    """Per curve, the half-width of the band every step must stay in."""
 
 
 GOLDEN_TOLERANCES: dict[str, GoldenTolerance] = {
@@ -58,6 +60,15 @@ GOLDEN_TOLERANCES: dict[str, GoldenTolerance] = {
             "prob_diff_mean": 1e-5,
             "prob_correlation": 1e-4,
         },
+        curve_bands={
+            "reward": 0.1,
+            "entropy": 0.25,
+            "kl_new_old": 0.25,
+            "ratio_mean": 1e-3,
+            "k3_kl": 1e-6,
+            "mean_abs_log_ratio": 1e-4,
+            "clip_fraction": 0.05,
+        },
     ),
     "bfloat16": GoldenTolerance(
         logprob_atol=0.1,
@@ -69,6 +80,7 @@ GOLDEN_TOLERANCES: dict[str, GoldenTolerance] = {
             "prob_diff_mean": 0.003,
             "prob_correlation": 0.02,
         },
+        curve_bands={"reward": 0.15, "entropy": 0.3, "kl_new_old": 0.3, "ratio_mean": 0.01, "k3_kl": 0.015},
     ),
 }
 GOLDEN_TOLERANCES["float16"] = GOLDEN_TOLERANCES["bfloat16"]
@@ -82,6 +94,8 @@ class GoldenRecord:
     """Each ``{"prompt": [ids], "tokens": [ids], "logprobs": [floats]}``."""
     stats: dict[str, float]
     sampling: dict[str, Any] | None = None
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    """Per metric, one value per training step (objective layer)."""
 
 
 class GoldenStore:
@@ -147,6 +161,8 @@ class GoldenStore:
             "stats": {k: _encode(v) for k, v in record.stats.items()},
             "sequences": [{k: [_encode(x) for x in v] for k, v in seq.items()} for seq in record.sequences],
         }
+        if record.curves:
+            document["curves"] = {k: [_encode(x) for x in v] for k, v in record.curves.items()}
         write_atomic(path, dumps(document))
         self.written.append(path)
 
@@ -170,6 +186,7 @@ def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-golden
         for key, values in seq.items():
             seq[key] = [_decode(v) for v in values]
     document["stats"] = {k: _decode(v) for k, v in document.get("stats", {}).items()}
+    document["curves"] = {k: [_decode(x) for x in v] for k, v in document.get("curves", {}).items()}
     return document
 
 
@@ -222,6 +239,18 @@ def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: Gol
             f"logprobs drift from the golden by up to {diff:.3g} > {tolerance.logprob_atol:g} "
             f"(sequence {i}, position {pos}: golden {old_lp:.6g}, now {new_lp:.6g})"
         )
+    old_curves = golden.get("curves", {})
+    for name, band in tolerance.curve_bands.items():
+        old, new = old_curves.get(name), record.curves.get(name)
+        if old is None or new is None:
+            continue
+        if len(old) != len(new):
+            problems.append(f"curve {name}: {len(old)} steps in the golden, {len(new)} now")
+            continue
+        outside = [(i, a, b) for i, (a, b) in enumerate(zip(old, new)) if abs(a - b) > band]
+        if outside:
+            i, a, b = outside[0]
+            problems.append(f"curve {name} leaves its golden band (±{band:g}) at step {i}: golden {a:.4g}, now {b:.4g}")
     old_stats = golden.get("stats", {})
     for name, atol in tolerance.stats_atol.items():
         if name in old_stats and name in record.stats:

@@ -61,6 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("rlparity_engine_kwargs", "engine kwargs, one KEY=VALUE per line", type="linelist", default=[])
     parser.addini("rlparity_profile", "profile file (TOML or JSON)", default="")
     parser.addini("rlparity_golden_dir", "golden snapshot directory", default="golden")
+    parser.addini("rlparity_artifacts_dir", "where plots of a run are written", default="rlparity-artifacts")
     parser.addini("rlparity_start_timeout", "seconds before an engine start is abandoned", default="600")
     parser.addini("rlparity_request_timeout", "seconds before one engine call is abandoned", default="300")
     parser.addini("rlparity_max_engines", "engines kept running at once", default="2")

@@ -64,6 +64,7 @@ class RLParitySession:
         self.engine_kwargs = {**engine_defaults(options.engine), **options.engine_kwargs}
         self.outcomes: list[Outcome] = []
         self.golden_notes: list[str] = []
+        self.artifacts: list[Path] = []
         self.goldens = GoldenStore(
             options.golden_dir,
             options.update_goldens,
@@ -197,7 +198,20 @@ class RLParitySession:
             secs = ", ".join(f"{s.seconds:.1f}s" for s in self.pool.starts)
             lines.append(f"engine starts: {len(self.pool.starts)} ({secs})")
         lines += self.golden_notes
+        lines += [f"artifact: {p}" for p in self.artifacts]
         return lines
+
+    def failures_below(self, layer: str) -> list[str]:
+        """Failed tests of the layers under ``layer`` so far: what an objective failure is probably downstream of."""
+        below = LAYERS[: LAYERS.index(layer)] if layer in LAYERS else LAYERS
+        return [o.nodeid.rsplit("::", 1)[-1] for o in self.outcomes if o.layer in below and o.outcome == "failed"]
+
+    def artifact_path(self, name: str) -> Path:
+        """Where a run's plots go: ``<rootdir>/rlparity-artifacts/<name>``."""
+        self.options.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        path = self.options.artifacts_dir / name
+        self.artifacts.append(path)
+        return path
 
     def close(self) -> None:
         if "pool" in self.__dict__:

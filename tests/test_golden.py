@@ -121,3 +121,15 @@ def test_file_is_json_one_line_per_sequence_and_roundtrips_infinities(tmp_path, 
 
 def test_dumps_is_valid_json_for_empty_sequences():
     assert json.loads(dumps({"format": FORMAT, "sequences": []}))["sequences"] == []
+
+
+def test_curves_must_stay_in_their_band(tmp_path, path):
+    bands = GOLDEN_TOLERANCES["float32"]
+    curve = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"reward": [0.1, 0.2, 0.4]})
+    store = GoldenStore(tmp_path, "mismatch", HINT)
+    store.check(path, curve, bands, provenance=PROVENANCE, nodeid="x")
+    inside = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"reward": [0.12, 0.25, 0.35]})
+    assert GoldenStore(tmp_path, "off", HINT).check(path, inside, bands, provenance=PROVENANCE, nodeid="x") is None
+    outside = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"reward": [0.1, 0.2, 0.1]})
+    with pytest.raises(GoldenError, match=r"curve reward leaves its golden band \(±0.1\) at step 2: golden 0.4, now 0.1"):
+        GoldenStore(tmp_path, "off", HINT).check(path, outside, bands, provenance=PROVENANCE, nodeid="x")

@@ -45,21 +45,23 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.vocab_size = int(self.model.config.vocab_size)
 
-    @torch.no_grad()
-    def logits(self, sequence: Sequence[int]) -> torch.Tensor:
+    def logits(self, sequence: Sequence[int], *, grad: bool = False) -> torch.Tensor:
         """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence``."""
-        ids = torch.as_tensor([list(sequence)])
+        with torch.set_grad_enabled(grad):
+            return self._logits(torch.as_tensor([list(sequence)]))
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         if self.head_dtype == self.dtype:
             return self.model(input_ids=ids).logits[0].float()
         hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
         head = self.model.get_output_embeddings().weight
         return torch.nn.functional.linear(hidden.to(getattr(torch, self.head_dtype)), head.to(getattr(torch, self.head_dtype))).float()
 
-    def completion_logits(self, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+    def completion_logits(self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False) -> torch.Tensor:
         """Logits at the positions that predict each completion token: ``[len(token_ids), V]``."""
         full = list(prompt_ids) + list(token_ids)
         start = len(prompt_ids) - 1
-        return self.logits(full[:-1])[start : start + len(token_ids)]
+        return self.logits(full[:-1], grad=grad)[start : start + len(token_ids)]
 
     def recompute(self, completions: Sequence[Completion], settings: SamplingSettings) -> Recompute:
         """Trainer logprobs of each completion's sampled tokens, processed and raw."""

