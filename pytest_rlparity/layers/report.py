@@ -1,0 +1,46 @@
+"""What a layer check found, in one shape for every layer: findings with causes, and the numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..compare import Comparison
+from ..errors import ParityError
+
+
+@dataclass
+class Finding:
+    """One thing that is wrong: ``cause`` names the culprit, ``message`` says what to do."""
+
+    cause: str
+    message: str
+
+
+@dataclass
+class LayerReport:
+    """Findings of one check plus the comparison they rest on; raises a :class:`ParityError`."""
+
+    layer: str
+    label: str
+    comparison: Comparison
+    findings: list[Finding] = field(default_factory=list)
+    summary: str = "failed"
+    """What a failure means for this layer, after the label in the message's first line."""
+    extra: list[Comparison] = field(default_factory=list)
+    """Further comparisons shown when they fail (e.g. top-k alternatives)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def message(self) -> str:
+        lines = [f"[{self.layer}] {self.label}: {self.summary}"]
+        lines += [f"  - {f.cause}: {f.message}" for f in self.findings]
+        lines.append(self.comparison.report(self.label))
+        lines += [c.report("also") for c in self.extra if not c.ok]
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            first = self.findings[0]
+            raise ParityError(self.message(), layer=self.layer, cause=first.cause, headline=f"{self.label}: {first.message}")
