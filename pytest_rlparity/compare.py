@@ -17,8 +17,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .errors import ParityError
 from .metrics import mismatch_stats
 from .settings import Tolerance
@@ -205,8 +203,3 @@ def _token_text(token_id: int | None, decode: Callable[[list[int]], str] | None)
     if decode is None:
         return f"#{token_id}"
     return f"{decode([token_id])!r}#{token_id}"
-
-
-def flatten(ragged: Ragged) -> np.ndarray:
-    """All tokens of a ragged set of logprobs, in order, as one float64 array."""
-    return np.asarray([x for seq in ragged for x in seq], dtype=np.float64)

@@ -9,13 +9,13 @@ and kept as strings otherwise (``logprobs_mode=processed_logprobs``).
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 
 ENGINES = ("vllm", "hf")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,10 +27,8 @@ def run_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", RUN_TAG: str(os.getpid())}
 
 
-def run_pytest(*args: str, cwd: Path | None = None, timeout: float = 900) -> "subprocess.CompletedProcess[str]":
+def run_pytest(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run pytest in a fresh interpreter, as a user would, and capture what it prints."""
-    import subprocess
-
     env = run_env()
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],

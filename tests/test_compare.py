@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from pytest_rlparity import ParityError, Tolerance, assert_logprobs_close, compare_logprobs
-from pytest_rlparity import metrics
+from pytest_rlparity import ParityError, Tolerance, assert_logprobs_close, compare_logprobs, metrics
 
 ENGINE = [[-0.5, -1.25, -2.0], [-0.1, -3.0]]
 

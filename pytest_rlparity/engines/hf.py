@@ -44,7 +44,6 @@ class HFEngine:
             dtype=options["dtype"],
             kwargs=dict(kwargs),
         )
-        self.start_seconds = 0.0
 
     @classmethod
     def start(cls, model: str, kwargs: dict[str, Any], **_: Any) -> HFEngine:

@@ -13,7 +13,6 @@ import difflib
 import gc
 import importlib.metadata
 import os
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -95,7 +94,6 @@ class VLLMEngine:
         self.info = info
         self.processes = processes
         self.request_timeout = request_timeout
-        self.start_seconds = 0.0
 
     @classmethod
     def start(
@@ -120,7 +118,6 @@ class VLLMEngine:
         import vllm
         from vllm.platforms import current_platform
 
-        began = time.monotonic()
         processes = ProcessGroup.mark()
         try:
             with watchdog(start_timeout, processes.kill):
@@ -148,9 +145,7 @@ class VLLMEngine:
             dtype=str(model_config.dtype).removeprefix("torch."),
             kwargs=dict(kwargs),
         )
-        engine = cls(llm, info, processes, request_timeout)
-        engine.start_seconds = time.monotonic() - began
-        return engine
+        return cls(llm, info, processes, request_timeout)
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
         from vllm import SamplingParams

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics, sampling
-from ..engines.base import Completion
+from ..engines.base import Completion, WeightSync
 from ..settings import SamplingSettings
 from .recompute import Trainer
 
@@ -93,6 +93,8 @@ class RLLoop:
     ) -> None:
         if config.loss not in LOSSES:
             raise ValueError(f"loss {config.loss!r} not in {LOSSES}")
+        if not isinstance(engine, WeightSync):
+            raise TypeError(f"{type(engine).__name__} cannot take weight updates (see engines.base.WeightSync)")
         self.engine = engine
         self.trainer = trainer
         self.prompts = [list(p) for p in prompts]
