@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import ParityError
-from ..trainer.rl import StepMetrics
+
+if TYPE_CHECKING:
+    from ..trainer.rl import StepMetrics
 
 LAYER = "objective"
 

@@ -14,8 +14,6 @@ from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.golden import GoldenRecord
 from pytest_rlparity.layers.objective import ON_POLICY, check_learns, check_on_policy, curves, plot_curves
 from pytest_rlparity.model import CORPUS
-from pytest_rlparity.trainer.recompute import Trainer
-from pytest_rlparity.trainer.rl import RLConfig, RLLoop, word_start_reward
 
 pytestmark = pytest.mark.objective
 
@@ -33,6 +31,9 @@ def rl_engine(rlparity_session, rlparity_engine_factory):
 
 @pytest.mark.parametrize("loss", ["gspo", "grpo", "ppo"])
 def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_engine, rlparity_session, rlparity_golden, tmp_path):
+    from pytest_rlparity.trainer.recompute import Trainer  # torch: imported only when the test runs
+    from pytest_rlparity.trainer.rl import RLConfig, RLLoop, word_start_reward
+
     trainer = Trainer(rlparity_session.model_dir)
     prompts = [trainer.tokenizer(" ".join(s.split()[:3])).input_ids for s in CORPUS[:4]]
     config = RLConfig(loss=loss)
