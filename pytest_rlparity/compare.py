@@ -152,9 +152,11 @@ def _violations(comparison: Comparison, tolerance: Tolerance, rows: Sequence[Tok
     found = []
     if comparison.not_a_number:
         found.append(f"{len(comparison.not_a_number)} NaN logprob(s)")
-    if len(comparison.out_of_support) > tolerance.max_out_of_support:
+    total = len(comparison.out_of_support) + int(stats.get("tokens", 0))
+    if comparison.out_of_support and len(comparison.out_of_support) > tolerance.max_out_of_support * total:
         found.append(
-            f"{len(comparison.out_of_support)} token(s) outside the support > {tolerance.max_out_of_support} allowed"
+            f"{len(comparison.out_of_support)} of {total} token(s) outside the support "
+            f"(> {tolerance.max_out_of_support:.1%} allowed)"
         )
     if not stats.get("tokens"):
         return found

@@ -86,7 +86,8 @@ class EngineHandle:
     """Forwards to the pool's engine for one configuration, (re)starting it when needed.
 
     Tests hold handles, not engines, so the pool may close an engine to make room
-    without leaving anyone with a closed one.
+    without leaving anyone with a closed one. The methods are spelled out (not
+    ``__getattr__``) so that ``isinstance(handle, WeightSync)`` holds on Python 3.12+.
     """
 
     def __init__(self, pool: EnginePool, overrides: dict[str, Any]) -> None:
@@ -94,8 +95,24 @@ class EngineHandle:
         self._overrides = overrides
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> Any:
         return self._pool.get(**self._overrides)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
+    @property
+    def info(self) -> Any:
+        return self.engine.info
+
+    def generate(self, prompts: Any, settings: Any) -> Any:
+        return self.engine.generate(prompts, settings)
+
+    def score(self, sequences: Any) -> Any:
+        return self.engine.score(sequences)
+
+    def update_weights(self, directory: str, **kwargs: Any) -> None:
+        self.engine.update_weights(directory, **kwargs)
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
+
+    def close(self) -> None:
+        """The pool owns the engine; it closes it at the end of the session."""

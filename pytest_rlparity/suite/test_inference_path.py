@@ -130,10 +130,9 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
     fp32 = rlparity_session.tolerance("float32")
     measured = {}
     for head in ("bfloat16", "float32"):
-        kwargs = {"dtype": "bfloat16"}
-        if head == "float32":
-            kwargs["hf_overrides"] = {"head_dtype": "float32"}
-        engine = rlparity_engine_factory(**kwargs)
+        engine = rlparity_engine_factory(
+            dtype="bfloat16", hf_overrides={"head_dtype": "float32"} if head == "float32" else None
+        )
         completions = engine.generate(rlparity_prompts, SAMPLED)
         trainer_lps = recomputed(rlparity_trainer, completions, SAMPLED)
         report = compare_paths(
@@ -199,7 +198,7 @@ def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_pro
     for _ in range(2):
         train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history, method=method)
         moved = policy_shift(trainer, history[-2], rlparity_prompts)
-        assert moved > 100 * rlparity_tolerance.max_abs, f"the step moved logprobs by only {moved:.2g}: the check would be blind"
+        assert moved > 10 * rlparity_tolerance.mean_abs, f"the step moved logprobs by only {moved:.2g} on average: the check would be blind"
         check_after_update(fresh_path_engine, trainer, history, rlparity_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
@@ -220,7 +219,7 @@ def test_requests_in_flight_across_an_update(vllm_only):
 
 
 def policy_shift(trainer, old_state, prompts) -> float:
-    """Largest |Δ logprob| on ``prompts`` between the trainer now and at ``old_state``."""
+    """Mean |Δ logprob| on ``prompts`` between the trainer now and at ``old_state``."""
     current = trainer.state()
     new = trainer.score(prompts)
     try:
@@ -228,4 +227,4 @@ def policy_shift(trainer, old_state, prompts) -> float:
         old = trainer.score(prompts)
     finally:
         trainer.load_state(current)
-    return mismatch_stats([x for s in new for x in s], [x for s in old for x in s])["max_abs"]
+    return mismatch_stats([x for s in new for x in s], [x for s in old for x in s])["mean_abs"]

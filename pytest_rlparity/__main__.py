@@ -1,0 +1,21 @@
+"""Commands outside pytest: ``python -m pytest_rlparity wheelhouse {build,install} ...``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if argv[0] == "wheelhouse":
+        from .wheelhouse import main as wheelhouse
+
+        return wheelhouse(argv[1:])
+    print(f"unknown command {argv[0]!r}; try: python -m pytest_rlparity wheelhouse --help", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
