@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401  - imported once here: pytester's in-process runs cannot re-import torch
-import transformers  # noqa: F401
+# pytester's in-process runs drop modules first imported inside them, and parts of torch
+# cannot be imported twice: import what loading the trainer pulls in, once, up front.
+import torch  # noqa: F401
+import transformers.models.llama.modeling_llama  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 from pytest_rlparity.model import cache_root
 
