@@ -148,12 +148,8 @@ class _Fit:
         self.tolerance = tolerance
 
     def compare(self, state: dict[str, torch.Tensor]) -> Comparison:
-        current = self.trainer.state()
-        try:
-            self.trainer.load_state(state)
+        with self.trainer.weights(state):
             recompute = self.trainer.recompute(self.completions, self.settings)
-        finally:
-            self.trainer.load_state(current)
         return compare_logprobs([c.logprobs for c in self.completions], recompute.processed, self.tolerance)
 
     def locate(

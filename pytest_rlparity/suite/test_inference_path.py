@@ -180,13 +180,12 @@ def policy(vllm_only, rlparity_session):
     yield trainer, base
 
 
-def train_and_push(trainer, engine, directory, prompts, history, *, method="reload_dir", reset=True, skip=()):
+def train_and_push(trainer, engine, directory, prompts, history, *, method="reload_dir"):
     """One optimizer step, save, push into the engine: what an RL trainer does every step."""
     trainer.sft_step([p + p[1:] for p in prompts], lr=1e-2)
     path = trainer.save(directory / f"v{len(history)}")
-    engine.update_weights(path, method=method, skip_prefixes=skip)
-    if reset:
-        engine.reset_prefix_cache()
+    engine.update_weights(path, method=method)
+    engine.reset_prefix_cache()
     history.append(trainer.state())
 
 
@@ -220,11 +219,7 @@ def test_requests_in_flight_across_an_update(vllm_only):
 
 def policy_shift(trainer, old_state, prompts) -> float:
     """Mean |Δ logprob| on ``prompts`` between the trainer now and at ``old_state``."""
-    current = trainer.state()
     new = trainer.score(prompts)
-    try:
-        trainer.load_state(old_state)
+    with trainer.weights(old_state):
         old = trainer.score(prompts)
-    finally:
-        trainer.load_state(current)
     return mismatch_stats([x for s in new for x in s], [x for s in old for x in s])["mean_abs"]

@@ -41,12 +41,15 @@ GRID = [
 @pytest.mark.parametrize("case", GRID, ids=lambda c: c.name)
 def test_sampled_logprobs_match_trainer(case, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
     completions = rlparity_engine.generate(rlparity_prompts, case.settings)
-    recompute = rlparity_trainer.recompute(completions, case.settings)
-    report = check_completions(
-        completions, recompute, case.settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer
-    )
+    check_and_record(completions, case.settings, rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden)
+
+
+def check_and_record(completions, settings, engine, trainer, tolerance, golden) -> None:
+    """Semantic checks against the trainer's recompute, then the golden of the same rollouts."""
+    recompute = trainer.recompute(completions, settings)
+    report = check_completions(completions, recompute, settings, tolerance, tokenizer=trainer.tokenizer)
     report.raise_if_failed()
-    rlparity_golden.check(record_from(completions, report.comparison.stats, case.settings.to_dict()), rlparity_engine.info)
+    golden.check(record_from(completions, report.comparison.stats, settings.to_dict()), engine.info)
 
 
 FINISH = [
@@ -86,7 +89,4 @@ def test_finish_handling(case, rlparity_engine, rlparity_trainer, rlparity_promp
         if not missing:
             break
     assert not missing, f"case {case.name} did not exercise {sorted(missing)} (saw {sorted(kinds)}): change the prompts or seed"
-    recompute = rlparity_trainer.recompute(completions, settings)
-    report = check_completions(completions, recompute, settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer)
-    report.raise_if_failed()
-    rlparity_golden.check(record_from(completions, report.comparison.stats, settings.to_dict()), rlparity_engine.info)
+    check_and_record(completions, settings, rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden)

@@ -8,8 +8,9 @@ projection (lm_head) can run in a wider ``head_dtype``, as MiniMax-M1 and ScaleR
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ class Recompute:
     """Under the model's raw distribution: used to diagnose an engine that returns raw logprobs."""
     alternatives: list[list[dict[int, float]]] | None = None
     """Per position, the trainer's processed logprob of every token the engine reported there."""
+    entropy: list[list[float]] | None = None
+    """Per position, the entropy (nats) of the processed distribution."""
 
 
 class Trainer:
@@ -65,12 +68,13 @@ class Trainer:
 
     def recompute(self, completions: Sequence[Completion], settings: SamplingSettings) -> Recompute:
         """Trainer logprobs of each completion's sampled tokens, processed and raw."""
-        processed, raw, alternatives = [], [], []
+        processed, raw, alternatives, entropy = [], [], [], []
         for c in completions:
             if not c.token_ids:
                 processed.append([])
                 raw.append([])
                 alternatives.append([])
+                entropy.append([])
                 continue
             # Ids outside the vocabulary are an engine fault the semantic layer reports;
             # clamp them so the recompute runs, and mark their logprobs NaN.
@@ -83,7 +87,8 @@ class Trainer:
             raw.append(_gather(sampling.raw_logprobs(logits), ids, invalid))
             reported = c.top_logprobs or []
             alternatives.append([{t: float(lp[pos, t]) if 0 <= t < lp.shape[1] else float("nan") for t in step} for pos, step in enumerate(reported)])
-        return Recompute(processed, raw, alternatives)
+            entropy.append(sampling.entropy(lp).tolist())
+        return Recompute(processed, raw, alternatives, entropy)
 
     def state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the weights (the tiny model makes this cheap)."""
@@ -91,6 +96,16 @@ class Trainer:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def weights(self, state: dict[str, torch.Tensor]) -> Iterator[Trainer]:
+        """Run the block with ``state`` loaded, then put the current weights back."""
+        current = self.state()
+        self.load_state(state)
+        try:
+            yield self
+        finally:
+            self.load_state(current)
 
     def save(self, directory: str | os.PathLike[str]) -> str:
         """Write the weights as safetensors, the form vLLM's ``reload_weights`` reads."""

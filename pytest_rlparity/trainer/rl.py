@@ -117,11 +117,12 @@ class RLLoop:
         rewards = np.array([self.reward(c) for c in completions])
         advantages = _group_advantages(rewards, cfg.group_size, len(completions))
         behaviour = [np.asarray(c.logprobs, dtype=np.float64) for c in completions]
-        old = [np.asarray(x) for x in self.trainer.recompute(completions, settings).processed]
+        before = self.trainer.recompute(completions, settings)
+        old = [np.asarray(x) for x in before.processed]
         flat_b, flat_o = np.concatenate(behaviour), np.concatenate(old)
         finite = np.isfinite(flat_b) & np.isfinite(flat_o)
         ratios = np.exp(flat_o[finite] - flat_b[finite])
-        entropy = self._entropy(completions, settings)
+        entropy = float(np.mean([h for row in before.entropy or [] for h in row]))
         clipped = self._optimize(completions, settings, behaviour, advantages)
         new = [np.asarray(x) for x in self.trainer.recompute(completions, settings).processed]
         flat_n = np.concatenate(new)
@@ -176,13 +177,6 @@ class RLLoop:
                 first_clip = clipped / max(counted, 1)
         self.trainer.model.eval()
         return first_clip
-
-    def _entropy(self, completions: Sequence[Completion], settings: SamplingSettings) -> float:
-        values = []
-        for c in completions:
-            logits = self.trainer.completion_logits(c.prompt_ids, c.token_ids)
-            values.append(sampling.entropy(sampling.process_logits(logits, settings, c.prompt_ids, c.token_ids)))
-        return float(torch.cat(values).mean())
 
     def _sync(self, step: int) -> None:
         path = self.trainer.save(self.workdir / f"step{step + 1}")
