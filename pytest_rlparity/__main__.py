@@ -1,4 +1,8 @@
-"""Commands outside pytest: ``python -m pytest_rlparity wheelhouse {build,install} ...``."""
+"""Commands outside pytest.
+
+  python -m pytest_rlparity diff A B                       two golden sets or two JSON reports, per layer
+  python -m pytest_rlparity wheelhouse {build,install} ...  offline installs for GPU runners
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,15 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv[0] == "diff":
+        from .diff import main as diff
+
+        return diff(argv[1:])
     if argv[0] == "wheelhouse":
         from .wheelhouse import main as wheelhouse
 
         return wheelhouse(argv[1:])
-    print(f"unknown command {argv[0]!r}; try: python -m pytest_rlparity wheelhouse --help", file=sys.stderr)
+    print(f"unknown command {argv[0]!r}; try: python -m pytest_rlparity --help", file=sys.stderr)
     return 2
 
 

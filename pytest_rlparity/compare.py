@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .errors import ParityError
 from .metrics import mismatch_stats
+from .results import comparison_entry, publish
 from .settings import Tolerance
 
 Ragged = Sequence[Sequence[float]]
@@ -59,6 +60,8 @@ class Comparison:
     worst: list[TokenRow] = field(default_factory=list)
     out_of_support: list[TokenRow] = field(default_factory=list)
     not_a_number: list[TokenRow] = field(default_factory=list)
+    pairs: tuple[Sequence[float], Sequence[float]] = ((), ())
+    """Every finite (engine, trainer) pair compared, in order: what the plots show."""
 
     @property
     def ok(self) -> bool:
@@ -125,7 +128,7 @@ def compare_logprobs(
     stats["out_of_support"] = len(outside)
     stats["not_a_number"] = len(nans)
     rows.sort(key=lambda r: abs(r.diff), reverse=True)
-    comparison = Comparison(stats, tolerance, [], rows[:worst], outside, nans)
+    comparison = Comparison(stats, tolerance, [], rows[:worst], outside, nans, (finite_e, finite_t))
     comparison.violations = _violations(comparison, tolerance, rows)
     return comparison
 
@@ -142,6 +145,7 @@ def assert_logprobs_close(
 ) -> Comparison:
     """Assert that two sets of per-token logprobs agree; raise :class:`ParityError` with a table if not."""
     comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode)
+    publish(comparison_entry(title, layer, comparison), comparison)
     if not comparison.ok:
         raise ParityError(comparison.report(title), layer=layer)
     return comparison

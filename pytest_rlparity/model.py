@@ -45,6 +45,14 @@ INIT_STD = 0.15
 """Larger than usual so the distribution is peaked, like a trained model's, not near-uniform."""
 MAX_POSITIONS = 1024
 
+LARGE_LOGITS = "large-logits"
+"""A variant with a large constant channel in the residual stream (the "massive activations" of
+trained LLMs) that the lm_head turns into a logit offset of about 90 shared by every token.
+Log-softmax ignores a shared offset, but a bf16 lm_head rounds logits of that size to steps of
+0.5, so the head's precision shows (bf16 head: mean |Δlogprob| ~0.12 vs fp32 ~0.012 here)."""
+LARGE_LOGITS_CHANNEL = (16.0, 32.0)
+"""(embedding value, lm_head weight) of channel 0 in the large-logits variant."""
+
 FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -57,21 +65,23 @@ def cache_root() -> Path:
     return Path(base) / "pytest-rlparity"
 
 
-def embedded_model(seed: int = DEFAULT_SEED, root: Path | None = None) -> Path:
-    """Return the directory of the tiny model for ``seed``, generating it once.
+def embedded_model(seed: int = DEFAULT_SEED, root: Path | None = None, variant: str = "") -> Path:
+    """Return the directory of the tiny model for ``seed`` (and ``variant``), generating it once.
 
     Generation happens in a temporary sibling directory that is renamed into place, so
     concurrent pytest-xdist workers never see a half-written model.
     """
     root = root or cache_root()
-    target = root / f"tiny-llama-g{GENERATOR_VERSION}-seed{seed}"
+    if variant not in ("", LARGE_LOGITS):
+        raise ValueError(f"unknown embedded model variant {variant!r}; known: {LARGE_LOGITS!r}")
+    target = root / (f"tiny-llama-g{GENERATOR_VERSION}-seed{seed}" + (f"-{variant}" if variant else ""))
     marker = target / ".rlparity-complete"
     if marker.is_file() and marker.read_text().strip() == fingerprint(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
     try:
-        _generate(staging, seed)
+        _generate(staging, seed, variant)
         (staging / ".rlparity-complete").write_text(fingerprint(staging) + "\n")
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)  # an interrupted or corrupt cache entry
@@ -85,7 +95,7 @@ def embedded_model(seed: int = DEFAULT_SEED, root: Path | None = None) -> Path:
     return target
 
 
-def _generate(directory: Path, seed: int) -> None:
+def _generate(directory: Path, seed: int, variant: str = "") -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -130,6 +140,9 @@ def _generate(directory: Path, seed: int) -> None:
         # EOS path is exercised; a random row would almost never be sampled.
         period = tokenizer.convert_tokens_to_ids(".")
         model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight[period]
+        if variant == LARGE_LOGITS:
+            model.model.embed_tokens.weight[:, 0] = LARGE_LOGITS_CHANNEL[0]
+            model.lm_head.weight[:, 0] = LARGE_LOGITS_CHANNEL[1]
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
 

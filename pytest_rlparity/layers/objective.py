@@ -10,11 +10,13 @@ failing lower layer usually explains it, which the failure message says.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ParityError
+from ..results import jsonable, publish
 
 if TYPE_CHECKING:
     from ..trainer.rl import StepMetrics
@@ -55,6 +57,13 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
             excess = abs(value - 1.0) if name == "ratio_mean" else value
             if excess > bound:
                 problems.append(f"step {m.step}: {name} {value:.4g} (bound {'|r-1| ' if name == 'ratio_mean' else ''}{bound:g})")
+    worst = {name: max((abs(getattr(m, name) - 1.0) if name == "ratio_mean" else getattr(m, name)) for m in history)
+             for name in ("ratio_mean", "k3_kl", "mean_abs_log_ratio", "clip_fraction")} if history else {}
+    publish({
+        "kind": "metrics", "label": "on-policy metrics at every step", "layer": LAYER,
+        "verdict": "fail" if problems else "pass", "stats": jsonable({f"worst_{k}": v for k, v in worst.items()}),
+        "tolerance": dataclasses.asdict(bounds), "findings": [{"cause": "on-policy", "message": p} for p in problems[:12]],
+    })
     if not problems:
         return
     first = problems[0]
@@ -78,6 +87,10 @@ def check_learns(history: Sequence[StepMetrics], min_gain: float = 0.1) -> None:
     """The clean loop must learn: mean reward of the last 3 steps beats the first 3 by ``min_gain``."""
     first = sum(m.reward for m in history[:3]) / 3
     last = sum(m.reward for m in history[-3:]) / 3
+    publish({
+        "kind": "metrics", "label": "the loop learns", "layer": LAYER, "verdict": "pass" if last >= first + min_gain else "fail",
+        "stats": {"reward_first3": first, "reward_last3": last}, "tolerance": {"min_gain": min_gain}, "findings": [],
+    })
     if last < first + min_gain:
         raise ParityError(
             f"[{LAYER}] the RL loop did not learn: reward {first:.3f} -> {last:.3f} (needs +{min_gain})\n" + curve_table(history),
@@ -97,36 +110,3 @@ def curve_table(history: Sequence[StepMetrics]) -> str:
     for m in history:
         lines.append(f"  {m.step:>4} " + "".join(f"{getattr(m, c):>14.6g}" for c in cols))
     return "\n".join(lines)
-
-
-def plot_curves(
-    history: Sequence[StepMetrics], golden: dict[str, list[float]] | None, bands: dict[str, float], path: str
-) -> str | None:
-    """Each metric against its golden band, as a PNG; ``None`` if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    now = curves(history)
-    names = [n for n in now if n != "step"]
-    fig, axes = plt.subplots((len(names) + 2) // 3, 3, figsize=(13, 3 * ((len(names) + 2) // 3)))
-    for ax, name in zip(axes.flat, names):
-        steps = list(range(len(now[name])))
-        ax.plot(steps, now[name], marker="o", label="this run")
-        if golden and name in golden:
-            ref = golden[name][: len(steps)]
-            band = bands.get(name, 0.0)
-            ax.plot(steps[: len(ref)], ref, color="gray", label="golden")
-            ax.fill_between(steps[: len(ref)], [r - band for r in ref], [r + band for r in ref], color="gray", alpha=0.25)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    axes.flat[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..compare import Comparison
 from ..errors import ParityError
+from ..results import comparison_entry, publish
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LayerReport:
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
+        """Publish the check to the run's report, then raise if anything was found."""
+        publish(comparison_entry(self.label, self.layer, self.comparison, self.findings), self.comparison)
         if not self.ok:
             first = self.findings[0]
             raise ParityError(self.message(), layer=self.layer, cause=first.cause, headline=f"{self.label}: {first.message}")

@@ -38,6 +38,22 @@ def semantic_report(label: str, comparison: Comparison) -> LayerReport:
     return LayerReport(LAYER, label, comparison, summary="the engine's logprobs do not mean what the trainer assumes")
 
 
+def check_scores(
+    engine: Sequence[Sequence[float]], trainer: Sequence[Sequence[float]], tolerance: Tolerance, *, label: str
+) -> LayerReport:
+    """Teacher-forced logprobs of fixed sequences (the engine's prompt logprobs) against the trainer's."""
+    report = semantic_report(label, compare_logprobs(engine, trainer, tolerance))
+    if not report.comparison.ok:
+        report.findings.append(
+            Finding(
+                "prompt logprobs",
+                "the engine scores fixed text differently from the trainer: check that prompt logprob t scores "
+                "token t given the tokens before it, and the engine's weights, dtype and lm_head precision",
+            )
+        )
+    return report
+
+
 def check_completions(
     completions: Sequence[Completion],
     recompute: Recompute,

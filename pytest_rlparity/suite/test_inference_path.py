@@ -32,8 +32,8 @@ def vllm_only(rlparity_session):
 
 
 @pytest.fixture(scope="module")
-def device(vllm_only, rlparity_engine) -> str:
-    return rlparity_engine.info.device
+def device(vllm_only, rlparity_session) -> str:
+    return rlparity_session.build[1]
 
 
 @pytest.fixture(scope="module")
@@ -119,35 +119,45 @@ def test_runtime_mode_matches_trainer(device, rlparity_engine_factory, rlparity_
     ).raise_if_failed()
 
 
-def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rlparity_trainer, rlparity_prompts, record_property):
-    """A bf16 engine against the fp32 trainer, with the lm_head in bf16 and in fp32.
+def configured_head(session) -> str:
+    """The lm_head dtype of the session's engine: its ``hf_overrides`` head_dtype, else its dtype."""
+    overrides = session.engine_kwargs.get("hf_overrides") or {}
+    return str(overrides.get("head_dtype") or session.dtype)
 
-    Passes within the bf16 tolerance, fails the fp32 one (so the tolerance is what
-    separates them), and records the train/engine probability correlation and mean
-    |Δlogprob| as MiniMax-M1 reported them.
+
+def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, record_property):
+    """A bf16 engine with the session's lm_head precision against the fp32 trainer.
+
+    Runs on a model with large logits (yours, or the embedded model's large-logits
+    variant), where a bf16 head rounds every logit to steps of 0.5 and an fp32 head does
+    not. The session's head decides the verdict (an fp32 session has an fp32 head); the
+    other head is measured too, and the train/engine probability correlation and mean
+    |Δlogprob| of both are recorded, as MiniMax-M1 reported them.
     """
+    model = rlparity_session.head_check_model
+    trainer = rlparity_session.trainer(model_dir=model)
+    prompts = [trainer.tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS]
     bf16 = rlparity_session.tolerance("bfloat16")
-    fp32 = rlparity_session.tolerance("float32")
-    measured = {}
-    for head in ("bfloat16", "float32"):
-        engine = rlparity_engine_factory(
-            dtype="bfloat16", hf_overrides={"head_dtype": "float32"} if head == "float32" else None
+    overrides = {k: v for k, v in (rlparity_session.engine_kwargs.get("hf_overrides") or {}).items() if k != "head_dtype"}
+    reports, measured = {}, {}
+    for head in ("float32", "bfloat16"):
+        head_overrides = {**overrides, "head_dtype": "float32"} if head == "float32" else overrides
+        engine = rlparity_engine_factory(model=str(model), dtype="bfloat16", hf_overrides=head_overrides or None)
+        completions = engine.generate(prompts, SAMPLED)
+        reports[head] = compare_paths(
+            recomputed(trainer, completions, SAMPLED), [c.logprobs for c in completions], bf16,
+            label=f"bf16 engine, {head} lm_head vs fp32 trainer",
+            token_ids=[c.token_ids for c in completions], decode=trainer.tokenizer.decode, cause="lm_head precision",
+            hint=f"a {head} lm_head loses what the trainer's fp32 head keeps: set hf_overrides={{\"head_dtype\": \"float32\"}}",
         )
-        completions = engine.generate(rlparity_prompts, SAMPLED)
-        trainer_lps = recomputed(rlparity_trainer, completions, SAMPLED)
-        report = compare_paths(
-            trainer_lps, [c.logprobs for c in completions], bf16, label=f"bf16 engine, {head} lm_head vs fp32 trainer",
-            token_ids=[c.token_ids for c in completions], decode=rlparity_trainer.tokenizer.decode,
-            cause="lm_head precision", hint="beyond bf16 noise: check the head dtype (hf_overrides head_dtype)",
-        )
-        report.raise_if_failed()
-        assert not compare_paths(trainer_lps, [c.logprobs for c in completions], fp32, label="", cause="", hint="").ok, (
-            "a bf16 engine passed the fp32 tolerance: the precision check could not tell bf16 from fp32"
-        )
-        stats = report.comparison.stats
+        stats = reports[head].comparison.stats
         measured[head] = {k: stats[k] for k in ("prob_correlation", "mean_abs", "max_abs", "mean_offset")}
         record_property(f"lm_head_{head}", measured[head])
-    print(f"\nlm_head precision on {device}: {measured}")
+    print(f"\nlm_head precision on {device} ({model.name}): {measured}")
+    head = configured_head(rlparity_session)
+    reports.get(head, reports["bfloat16"]).raise_if_failed()
+    if not rlparity_session.options.model:
+        assert not reports["bfloat16"].ok, "a bf16 head passed on the large-logits model: this check cannot see head precision"
 
 
 def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_trainer, long_prompts, rlparity_tolerance):

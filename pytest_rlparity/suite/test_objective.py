@@ -12,8 +12,10 @@ import pytest
 
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.golden import GoldenRecord
-from pytest_rlparity.layers.objective import ON_POLICY, check_learns, check_on_policy, curves, plot_curves
+from pytest_rlparity.layers.objective import ON_POLICY, check_learns, check_on_policy, curves
 from pytest_rlparity.model import CORPUS
+from pytest_rlparity.plots import plot_curves
+from pytest_rlparity.results import publish
 
 pytestmark = pytest.mark.objective
 
@@ -40,12 +42,13 @@ def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_en
     history = RLLoop(rl_engine, trainer, prompts, config, word_start_reward(trainer.tokenizer), tmp_path).run()
     info = rl_engine.info
     record = GoldenRecord(sequences=[], stats={}, sampling={"loss": loss, **config.sampling.to_dict()}, curves=curves(history))
-    plot_curves(
-        history,
+    plot = plot_curves(
+        record.curves,
         _golden_curves(rlparity_golden, info),
         rlparity_session.golden_tolerance(info.dtype).curve_bands,
         str(rlparity_session.artifact_path(f"objective-{loss}.png")),
     )
+    publish({"kind": "plot", "label": f"{loss} curves against their golden band", "plot": plot})
     check_on_policy(history, ON_POLICY.get(info.dtype, ON_POLICY["bfloat16"]), downstream_of=rlparity_session.failures_below("objective"))
     check_learns(history)
     rlparity_golden.check(record, info)

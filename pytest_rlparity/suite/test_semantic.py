@@ -13,8 +13,9 @@ import dataclasses
 
 import pytest
 
-from pytest_rlparity.golden import record_from
-from pytest_rlparity.layers.semantic import check_completions
+from pytest_rlparity.golden import GoldenRecord, record_from
+from pytest_rlparity.layers.semantic import check_completions, check_scores
+from pytest_rlparity.model import CORPUS
 from pytest_rlparity.settings import Case, SamplingSettings
 
 pytestmark = pytest.mark.semantic
@@ -90,3 +91,17 @@ def test_finish_handling(case, rlparity_engine, rlparity_trainer, rlparity_promp
             break
     assert not missing, f"case {case.name} did not exercise {sorted(missing)} (saw {sorted(kinds)}): change the prompts or seed"
     check_and_record(completions, settings, rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden)
+
+
+def test_teacher_forced_scores_match_trainer(rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden):
+    """Logprobs of fixed text: no sampler involved, so the golden compares across engines and versions."""
+    sequences = [rlparity_trainer.tokenizer(sentence).input_ids for sentence in CORPUS]
+    scores = rlparity_engine.score(sequences)
+    report = check_scores(scores, rlparity_trainer.score(sequences), rlparity_tolerance, label="teacher-forced scores of the corpus")
+    report.raise_if_failed()
+    record = GoldenRecord(
+        sequences=[{"prompt": [], "tokens": list(s), "logprobs": list(lp)} for s, lp in zip(sequences, scores)],
+        stats=report.comparison.stats,
+        sampling={"teacher_forced": True},
+    )
+    rlparity_golden.check(record, rlparity_engine.info)
