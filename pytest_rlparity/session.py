@@ -244,38 +244,31 @@ class RLParitySession:
     def summary(self) -> list[str]:
         """Results grouped by layer, lowest first, with each failure's likely cause."""
         lines = []
-        failed_below: list[str] = []
-        for layer in (*LAYERS, "custom"):
-            mine = [o for o in self.outcomes if o.layer == layer]
-            if not mine:
-                continue
-            counts = {k: sum(o.outcome == k for o in mine) for k in ("passed", "failed", "skipped")}
-            verdict = "FAILED" if counts["failed"] else "ok"
+        report = results.build_report({}, self.outcomes, LAYERS)
+        for layer, row in report["layers"].items():
             lines.append(
-                f"{layer:<15} {verdict:<7} {counts['passed']} passed, {counts['failed']} failed, "
-                f"{counts['skipped']} skipped" + (f"  - {LAYER_DOC[layer]}" if layer in LAYER_DOC else "")
+                f"{layer:<15} {'FAILED' if row['failed'] else 'ok':<7} {row['passed']} passed, {row['failed']} failed, "
+                f"{row['skipped']} skipped" + (f"  - {LAYER_DOC[layer]}" if layer in LAYER_DOC else "")
             )
-            for o in mine:
-                if o.outcome != "failed":
+            for test in report["tests"]:
+                if test["layer"] != layer or test["outcome"] != "failed":
                     continue
-                downstream = f" (probably downstream of the failing {', '.join(failed_below)} layer)" if failed_below else ""
-                cause = f" [{o.cause}]" if o.cause else ""
-                lines.append(f"    FAILED {o.nodeid}{cause}{downstream}")
-                if o.headline:
-                    lines.append(f"        {o.headline}")
-                advice = results.advice_for(o.cause)
-                if advice and not failed_below:
-                    lines.append(f"        try: {advice}")
-                lines += [f"        plot: {c['plot']}" for c in o.checks if c.get("plot")]
-            if counts["failed"]:
-                failed_below.append(layer)
+                below = test["downstream_of"]
+                downstream = f" (probably downstream of the failing {', '.join(below)} layer)" if below else ""
+                cause = f" [{test['cause']}]" if test["cause"] else ""
+                lines.append(f"    FAILED {test['nodeid']}{cause}{downstream}")
+                if test["headline"]:
+                    lines.append(f"        {test['headline']}")
+                if test["advice"] and not below:
+                    lines.append(f"        try: {test['advice']}")
+                lines += [f"        plot: {c['plot']}" for c in test["checks"] if c.get("plot")]
         if "pool" in self.__dict__ and self.pool.starts:
             secs = ", ".join(f"{s.seconds:.1f}s" for s in self.pool.starts)
             lines.append(f"engine starts: {len(self.pool.starts)} ({secs})")
         lines += self.golden_notes
         if self.goldens.allowed:
             lines.append(
-                f"baseline: {len(self.goldens.allowed)} golden(s) matched with allowed differences "
+                f"goldens: {len(self.goldens.allowed)} matched with allowed differences "
                 f"(details in the report), e.g. {self.goldens.allowed[0]}"
             )
         plots = [c["plot"] for o in self.outcomes for c in o.checks if c.get("plot")]

@@ -175,3 +175,15 @@ def test_a_missing_platform_names_the_platforms_the_directory_has(tmp_path, path
     other = tmp_path / "cuda-bfloat16" / "semantic" / path.name
     with pytest.raises(GoldenError, match=r"holds goldens for cpu-float32, none for cuda-bfloat16"):
         check(GoldenStore(tmp_path, "off", HINT), other, record())
+
+
+def test_trajectory_curves_are_judged_where_runs_repeat_and_noted_where_they_do_not(tmp_path):
+    from pytest_rlparity.golden import compare_records
+
+    golden = {"curves": {"reward": [0.1, 0.5], "ratio_mean": [1.0, 1.0]}, "sequences": []}
+    moved = GoldenRecord([], {}, None, {"reward": [0.1, 0.9], "ratio_mean": [1.0, 1.0]})
+    assert compare_records(golden, moved, GOLDEN_TOLERANCES["float32"]).problems[0].startswith("curve reward leaves")
+    bf16 = compare_records(golden, moved, GOLDEN_TOLERANCES["bfloat16"])
+    assert not bf16.problems and bf16.notes[0].startswith("curve reward leaves")
+    off_policy = GoldenRecord([], {}, None, {"reward": [0.1, 0.5], "ratio_mean": [1.0, 1.2]})
+    assert compare_records(golden, off_policy, GOLDEN_TOLERANCES["bfloat16"]).problems[0].startswith("curve ratio_mean leaves")
