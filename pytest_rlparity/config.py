@@ -116,13 +116,13 @@ def resolve(config: pytest.Config) -> Options:
     if baseline and update != "off":
         raise pytest.UsageError(
             "--rlparity-baseline is read-only: it checks this engine against goldens recorded by another. "
-            "Record a baseline with --rlparity-update-goldens --rlparity-golden-dir DIR, using the reference engine."
+            "Record a baseline with --rlparity-update-goldens --rlparity-golden-dir=DIR, using the reference engine."
         )
     if baseline and not _cli_path(config, baseline).is_dir():
         raise pytest.UsageError(f"--rlparity-baseline {baseline}: no such directory (record one first, see docs/upgrading.md)")
     artifacts_dir = _ini_path(config, config.getini("rlparity_artifacts_dir"))
     report_cli, report_ini = opt("rlparity_report"), config.getini("rlparity_report")
-    report = (_cli_path(config, report_cli) if report_cli else _ini_path(config, report_ini) if report_ini else artifacts_dir / "report.json")
+    report = _cli_path(config, report_cli) if report_cli else _ini_path(config, report_ini) if report_ini else artifacts_dir / "report.json"
     options = Options(
         enabled=bool(opt("rlparity")),
         golden_dir=(
@@ -133,7 +133,7 @@ def resolve(config: pytest.Config) -> Options:
         artifacts_dir=artifacts_dir,
         update_goldens=update,
         baseline=bool(baseline),
-        report=None if "none" in (report_cli, report_ini) else report,
+        report=None if (report_cli or report_ini) == "none" else report,
         start_timeout=float(opt("rlparity_start_timeout") or config.getini("rlparity_start_timeout")),
         request_timeout=float(opt("rlparity_request_timeout") or config.getini("rlparity_request_timeout")),
         max_engines=int(config.getini("rlparity_max_engines")),
