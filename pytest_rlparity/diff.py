@@ -21,12 +21,12 @@ from typing import Any
 from .errors import GoldenError
 from .golden import (
     FORMAT,
-    GOLDEN_TOLERANCES,
-    IDENTITY_KEYS,
-    MIGRATION_KEYS,
+    MIGRATION_IDENTITY_KEYS,
+    MIGRATION_NOTED_KEYS,
     GoldenDiff,
     GoldenRecord,
     compare_golden,
+    golden_tolerance,
     identity_differences,
     load,
     noted_differences,
@@ -90,16 +90,14 @@ def diff_goldens(root_a: Path, root_b: Path) -> tuple[dict[str, LayerDiff], list
         doc_a, doc_b = load(path_a), load(path_b)
         prov_a, prov_b = doc_a.get("provenance", {}), doc_b.get("provenance", {})
         layer = layers.setdefault(path_a.parent.name, LayerDiff())
-        identity = tuple(k for k in IDENTITY_KEYS if k not in MIGRATION_KEYS)
-        problems = identity_differences(prov_a, prov_b, identity)
+        problems = identity_differences(prov_a, prov_b, MIGRATION_IDENTITY_KEYS)
         if problems:
             layer.add(name, GoldenDiff(problems=["not comparable: " + "; ".join(problems)]))
             continue
         record = GoldenRecord(doc_b["sequences"], doc_b["stats"], doc_b.get("sampling"), doc_b["curves"])
-        tolerance = GOLDEN_TOLERANCES.get(str(prov_a.get("dtype")), GOLDEN_TOLERANCES["bfloat16"])
-        layer.add(name, compare_golden(doc_a, record, tolerance, migration=True))
+        layer.add(name, compare_golden(doc_a, record, golden_tolerance(str(prov_a.get("dtype"))), migration=True))
         if not context:
-            context = noted_differences(prov_a, prov_b, (*MIGRATION_KEYS, "engine_version", "torch", "transformers"))
+            context = noted_differences(prov_a, prov_b, MIGRATION_NOTED_KEYS)
     context += [f"only in A: {n}" for n in only_a] + [f"only in B: {n}" for n in only_b]
     return layers, context
 

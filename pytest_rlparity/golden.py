@@ -38,6 +38,9 @@ NOTED_KEYS = ("engine_version", "torch", "transformers", "plugin_version")
 MIGRATION_KEYS = ("engine", "engine_kwargs")
 """Identity that a migration (``--rlparity-baseline``) is allowed to change: it is what is under test."""
 
+MIGRATION_IDENTITY_KEYS = tuple(k for k in IDENTITY_KEYS if k not in MIGRATION_KEYS)
+MIGRATION_NOTED_KEYS = (*MIGRATION_KEYS, *NOTED_KEYS)
+
 UPDATE_MODES = ("off", "mismatch", "all")
 
 TRAJECTORY_CURVES = ("reward", "entropy", "kl_new_old")
@@ -100,6 +103,11 @@ GOLDEN_TOLERANCES: dict[str, GoldenTolerance] = {
     ),
 }
 GOLDEN_TOLERANCES["float16"] = GOLDEN_TOLERANCES["bfloat16"]
+
+
+def golden_tolerance(dtype: str) -> GoldenTolerance:
+    """The drift allowed for goldens of ``dtype`` (bf16's for any dtype not listed)."""
+    return GOLDEN_TOLERANCES.get(dtype, GOLDEN_TOLERANCES["bfloat16"])
 
 
 @dataclass
@@ -190,11 +198,11 @@ class GoldenStore:
 
     @property
     def identity_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in IDENTITY_KEYS if k not in MIGRATION_KEYS) if self.migration else IDENTITY_KEYS
+        return MIGRATION_IDENTITY_KEYS if self.migration else IDENTITY_KEYS
 
     @property
     def noted_keys(self) -> tuple[str, ...]:
-        return (*MIGRATION_KEYS, *NOTED_KEYS) if self.migration else NOTED_KEYS
+        return MIGRATION_NOTED_KEYS if self.migration else NOTED_KEYS
 
     def _platforms_hint(self, path: Path) -> str:
         """Which platforms the golden directory does hold, when this one has nothing."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import results
 from .config import Options
-from .golden import GOLDEN_TOLERANCES, GoldenStore, GoldenTolerance
+from .golden import GoldenStore, GoldenTolerance, golden_tolerance
 from .settings import Tolerance, tolerance_for
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class RLParitySession:
         return base.replace(**self.options.tolerance)
 
     def golden_tolerance(self, dtype: str) -> GoldenTolerance:
-        return GOLDEN_TOLERANCES.get(dtype, GOLDEN_TOLERANCES["bfloat16"])
+        return golden_tolerance(dtype)
 
     def provenance(self, info: EngineInfo) -> dict[str, Any]:
         """What produced a result: recorded in goldens and compared on load."""

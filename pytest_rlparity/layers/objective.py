@@ -47,18 +47,15 @@ ON_POLICY["float16"] = ON_POLICY["bfloat16"]
 
 def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, downstream_of: Sequence[str] = ()) -> None:
     """Every step, behaviour (engine) and old (trainer) logprobs must agree within ``bounds``."""
-    problems = []
-    for m in history:
-        for name in ("ratio_mean", "k3_kl", "mean_abs_log_ratio", "clip_fraction"):
-            bound = getattr(bounds, name)
-            if bound is None:
-                continue
-            value = getattr(m, name)
-            excess = abs(value - 1.0) if name == "ratio_mean" else value
-            if excess > bound:
-                problems.append(f"step {m.step}: {name} {value:.4g} (bound {'|r-1| ' if name == 'ratio_mean' else ''}{bound:g})")
-    worst = {name: max((abs(getattr(m, name) - 1.0) if name == "ratio_mean" else getattr(m, name)) for m in history)
-             for name in ("ratio_mean", "k3_kl", "mean_abs_log_ratio", "clip_fraction")} if history else {}
+    names = ("ratio_mean", "k3_kl", "mean_abs_log_ratio", "clip_fraction")
+    excess = [{name: abs(m.ratio_mean - 1.0) if name == "ratio_mean" else getattr(m, name) for name in names} for m in history]
+    problems = [
+        f"step {m.step}: {name} {getattr(m, name):.4g} (bound {'|r-1| ' if name == 'ratio_mean' else ''}{bound:g})"
+        for m, step_excess in zip(history, excess)
+        for name in names
+        if (bound := getattr(bounds, name)) is not None and step_excess[name] > bound
+    ]
+    worst = {name: max(e[name] for e in excess) for name in names} if history else {}
     publish({
         "kind": "metrics", "label": "on-policy metrics at every step", "layer": LAYER,
         "verdict": "fail" if problems else "pass", "stats": jsonable({f"worst_{k}": v for k, v in worst.items()}),

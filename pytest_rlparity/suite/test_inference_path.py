@@ -125,7 +125,7 @@ def configured_head(session) -> str:
     return str(overrides.get("head_dtype") or session.dtype)
 
 
-def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, record_property):
+def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rlparity_prompts, record_property):
     """A bf16 engine with the session's lm_head precision against the fp32 trainer.
 
     Runs on a model with large logits (yours, or the embedded model's large-logits
@@ -135,15 +135,14 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, re
     |Δlogprob| of both are recorded, as MiniMax-M1 reported them.
     """
     model = rlparity_session.head_check_model
-    trainer = rlparity_session.trainer(model_dir=model)
-    prompts = [trainer.tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS]
+    trainer = rlparity_session.trainer(model_dir=model)  # the variant shares the embedded model's tokenizer
     bf16 = rlparity_session.tolerance("bfloat16")
     overrides = {k: v for k, v in (rlparity_session.engine_kwargs.get("hf_overrides") or {}).items() if k != "head_dtype"}
     reports, measured = {}, {}
     for head in ("float32", "bfloat16"):
         head_overrides = {**overrides, "head_dtype": "float32"} if head == "float32" else overrides
         engine = rlparity_engine_factory(model=str(model), dtype="bfloat16", hf_overrides=head_overrides or None)
-        completions = engine.generate(prompts, SAMPLED)
+        completions = engine.generate(rlparity_prompts, SAMPLED)
         reports[head] = compare_paths(
             recomputed(trainer, completions, SAMPLED), [c.logprobs for c in completions], bf16,
             label=f"bf16 engine, {head} lm_head vs fp32 trainer",
