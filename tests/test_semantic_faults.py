@@ -14,7 +14,7 @@ from pytest_rlparity.engines.base import Completion
 from pytest_rlparity.engines.faults import FaultyEngine
 from pytest_rlparity.engines.hf import HFEngine
 from pytest_rlparity.errors import ParityError
-from pytest_rlparity.layers.semantic import check_completions
+from pytest_rlparity.layers.semantic import check_completions, check_scores
 from pytest_rlparity.settings import SamplingSettings, Tolerance
 
 SETTINGS = SamplingSettings(temperature=0.7, top_k=20, top_logprobs=3, max_tokens=16)
@@ -112,3 +112,14 @@ def test_disagreeing_alternatives_are_caught(hf_engine, trainer, prompts):
 
     report = run_check(SkewedTop(hf_engine), trainer, prompts)
     assert causes(report) == ["top-k alternatives"]
+
+
+def test_teacher_forced_scores_one_position_off_fail_as_prompt_logprobs(hf_engine, trainer, prompts):
+    sequences = [p + p[1:] for p in prompts]
+    scores = hf_engine.score(sequences)
+    assert check_scores(scores, trainer.score(sequences), Tolerance(), label="scores").ok
+    shifted = [s[1:] + s[:1] for s in scores]  # logprob t scores token t+1
+    report = check_scores(shifted, trainer.score(sequences), Tolerance(), label="scores")
+    assert causes(report) == ["prompt logprobs"]
+    with pytest.raises(ParityError, match=r"\[semantic\] scores: .*\n  - prompt logprobs: the engine scores fixed text differently"):
+        report.raise_if_failed()
