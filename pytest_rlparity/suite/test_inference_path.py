@@ -4,15 +4,16 @@ Paths compared: prefix-cache hits vs a cold cache (shared prefixes longer than a
 block), chunked prefill with a small token budget, a request alone vs in a batch vs in
 another order, two runs with one seed, async scheduling and compilation where the
 engine supports them, the lm_head's precision, and weight updates pushed by a trainer
-after a real optimizer step.
+after a real optimizer step, also while requests are running (pause modes keep, wait, abort).
 """
 
 from __future__ import annotations
 
 import pytest
 
+from pytest_rlparity.engines.base import PAUSE_MODES
 from pytest_rlparity.engines.vllm_worker import EXTENSION
-from pytest_rlparity.layers.inference_path import check_after_update, compare_paths, same_tokens
+from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
 from pytest_rlparity.metrics import mismatch_stats
 from pytest_rlparity.model import CORPUS
 from pytest_rlparity.settings import SamplingSettings
@@ -21,6 +22,10 @@ pytestmark = pytest.mark.inference_path
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=16)
 SAMPLED = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24)
+IN_FLIGHT = SamplingSettings(temperature=0.8, top_k=40, max_tokens=40, ignore_eos=True)
+PAUSE_AFTER = 16
+"""Tokens each request samples before the pause: enough for bf16 means over the aborted
+requests' tokens alone, and few enough that every request is still running."""
 PATH_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION}
 """One engine for the cached path and for weight updates (tests reset it to base weights)."""
 
@@ -192,10 +197,7 @@ def policy(vllm_only, rlparity_session):
 def train_and_push(trainer, engine, directory, prompts, history, *, method="reload_dir"):
     """One optimizer step, save, push into the engine: what an RL trainer does every step."""
     trainer.sft_step([p + p[1:] for p in prompts], lr=1e-2)
-    path = trainer.save(directory / f"v{len(history)}")
-    engine.update_weights(path, method=method)
-    engine.reset_prefix_cache()
-    history.append(trainer.state())
+    engine.update_weights(trainer.save(directory / f"v{len(history)}"), method=method)
 
 
 @pytest.mark.parametrize("method", ["reload_dir", "reload_tensors"])
@@ -205,6 +207,8 @@ def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_pro
     history = [trainer.state()]
     for _ in range(2):
         train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history, method=method)
+        fresh_path_engine.reset_prefix_cache()
+        history.append(trainer.state())
         moved = policy_shift(trainer, history[-2], rlparity_prompts)
         assert moved > 10 * rlparity_tolerance.mean_abs, f"the step moved logprobs by only {moved:.2g} on average: the check would be blind"
         check_after_update(fresh_path_engine, trainer, history, rlparity_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
@@ -216,14 +220,26 @@ def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_pr
     history = [trainer.state()]
     fresh_path_engine.generate(long_prompts, GREEDY)  # fill the cache with KV of v0
     train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history)
+    fresh_path_engine.reset_prefix_cache()
+    history.append(trainer.state())
     check_after_update(fresh_path_engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
-def test_requests_in_flight_across_an_update(vllm_only):
-    pytest.skip(
-        "the offline LLM API blocks in generate(), so no request is in flight during an update; "
-        "pause/resume (keep/wait/abort) needs vLLM's AsyncLLM, which this adapter does not drive yet"
-    )
+@pytest.mark.parametrize("mode", PAUSE_MODES)
+def test_requests_in_flight_across_an_update(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path, mode):
+    """Pause with ``mode`` and clear_cache=True, take an optimizer step, push it, resume.
+
+    Every token must match the weights that sampled it, and requests after the update
+    (for ``abort``: the aborted ones resubmitted) the new weights.
+    """
+    trainer, base = policy
+    trainer.load_state(base)
+    history = [trainer.state()]
+    check_update_in_flight(
+        fresh_path_engine, trainer, history,
+        lambda: train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history),
+        long_prompts, IN_FLIGHT, rlparity_tolerance, mode=mode, clear_cache=True, after_tokens=PAUSE_AFTER,
+    ).raise_if_failed()
 
 
 def policy_shift(trainer, old_state, prompts) -> float:

@@ -12,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -51,23 +52,51 @@ class Trainer:
     def logits(self, sequence: Sequence[int], *, grad: bool = False) -> torch.Tensor:
         """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence``."""
         with torch.set_grad_enabled(grad):
-            return self._logits(torch.as_tensor([list(sequence)]))
+            return self._forward(torch.as_tensor([list(sequence)]))[0]
 
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
+        """float32 logits of ``ids`` (after the KV in ``past``, if any), and the KV cache grown by ``ids``."""
         if self.head_dtype == self.dtype:
-            return self.model(input_ids=ids).logits[0].float()
-        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=past is not None)
+            return out.logits[0].float(), out.past_key_values
+        out = self.model.get_decoder()(input_ids=ids, past_key_values=past, use_cache=past is not None)
         head = self.model.get_output_embeddings().weight
-        return torch.nn.functional.linear(hidden.to(getattr(torch, self.head_dtype)), head.to(getattr(torch, self.head_dtype))).float()
+        dtype = getattr(torch, self.head_dtype)
+        return torch.nn.functional.linear(out.last_hidden_state[0].to(dtype), head.to(dtype)).float(), out.past_key_values
 
-    def completion_logits(self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False) -> torch.Tensor:
-        """Logits at the positions that predict each completion token: ``[len(token_ids), V]``."""
+    def completion_logits(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False, kv_from: tuple[dict[str, torch.Tensor], int] | None = None
+    ) -> torch.Tensor:
+        """Logits at the positions that predict each completion token: ``[len(token_ids), V]``.
+
+        ``kv_from=(state, k)`` computes them as an engine does for a request that kept its
+        KV across a weight update after sampling ``k`` tokens: the KV of the prompt and of
+        the first ``k - 1`` tokens comes from ``state`` (the old weights), everything after
+        from the current weights.
+        """
         full = list(prompt_ids) + list(token_ids)
         start = len(prompt_ids) - 1
-        return self.logits(full[:-1], grad=grad)[start : start + len(token_ids)]
+        if kv_from is None:
+            return self.logits(full[:-1], grad=grad)[start : start + len(token_ids)]
+        from transformers import DynamicCache
 
-    def recompute(self, completions: Sequence[Completion], settings: SamplingSettings) -> Recompute:
-        """Trainer logprobs of each completion's sampled tokens, processed and raw."""
+        old, k = kv_from
+        boundary = len(prompt_ids) + k - 1
+        ids = torch.as_tensor([full[:-1]])
+        with torch.no_grad():
+            with self.weights(old):
+                before, cache = self._forward(ids[:, :boundary], DynamicCache())
+            after, _ = self._forward(ids[:, boundary:], cache)
+        return torch.cat([before, after])[start : start + len(token_ids)]
+
+    def recompute(
+        self, completions: Sequence[Completion], settings: SamplingSettings, *, kv_from: dict[str, torch.Tensor] | None = None
+    ) -> Recompute:
+        """Trainer logprobs of each completion's sampled tokens, processed and raw.
+
+        With ``kv_from`` (old weights), completions that ran across a weight update are
+        recomputed as if their KV from before it had been kept (see :meth:`completion_logits`).
+        """
         processed, raw, alternatives, entropy = [], [], [], []
         for c in completions:
             if not c.token_ids:
@@ -81,7 +110,9 @@ class Trainer:
             ids = torch.as_tensor(c.token_ids)
             invalid = (ids < 0) | (ids >= self.vocab_size)
             ids = ids.clamp(0, self.vocab_size - 1)
-            logits = self.completion_logits(c.prompt_ids, ids.tolist())
+            split = c.tokens_before_update
+            stale = (kv_from, split) if kv_from is not None and split is not None and 0 < split < len(c.token_ids) else None
+            logits = self.completion_logits(c.prompt_ids, ids.tolist(), kv_from=stale)
             lp = sampling.processed_logprobs(logits, settings, c.prompt_ids, ids.tolist())
             processed.append(_gather(lp, ids, invalid))
             raw.append(_gather(sampling.raw_logprobs(logits), ids, invalid))
