@@ -248,6 +248,10 @@ class VLLMEngine:
         batch = next(self._batches)
         ids = [f"rlparity-update-{batch}-{i}" for i in range(len(prompts))]
         latest: dict[str, Any] = {}
+
+        def step() -> None:
+            latest.update((o.request_id, o) for o in engine.step())
+
         paused = False
         try:
             with self._answering(f"requests before a {mode!r} pause"):
@@ -256,7 +260,7 @@ class VLLMEngine:
                     params.output_kind = RequestOutputKind.CUMULATIVE
                     engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), params)
                 while len(latest) < len(ids) or min(len(o.outputs[0].token_ids) for o in latest.values()) < after_tokens:
-                    latest.update((o.request_id, o) for o in engine.step())
+                    step()
                     done = [rid for rid, o in latest.items() if o.finished]
                     if done:
                         raise EngineError(
@@ -270,7 +274,7 @@ class VLLMEngine:
                 # Outputs sampled before the pause may still wait in the client's queue.
                 pending = getattr(engine.engine_core, "outputs_queue", None)
                 while pending is not None and not pending.empty():
-                    latest.update((o.request_id, o) for o in engine.step())
+                    step()
             before = {rid: len(o.outputs[0].token_ids) for rid, o in latest.items()}
             update()
             if labelled:
@@ -279,7 +283,7 @@ class VLLMEngine:
                 self.llm.wake_up(tags=["scheduling"])
                 paused = False
                 while engine.has_unfinished_requests():
-                    latest.update((o.request_id, o) for o in engine.step())
+                    step()
         finally:
             self._release([rid for rid in ids if rid not in latest or not latest[rid].finished], paused)
         return [
