@@ -20,18 +20,12 @@ from dataclasses import dataclass, field
 from .errors import ParityError
 from .metrics import mismatch_stats
 from .results import comparison_entry, publish
-from .settings import Tolerance
+from .settings import Tolerance, floor_scale
 
 Ragged = Sequence[Sequence[float]]
 
-BOUNDS: tuple[tuple[str, str], ...] = (
-    ("max_abs", "max_abs"),
-    ("mean_abs", "mean_abs"),
-    ("mean_offset", "mean_offset"),
-    ("k3_kl", "k3_kl"),
-    ("prob_diff_mean", "prob_diff_mean"),
-)
-"""(statistic, tolerance field) pairs that are checked; the others are reported only."""
+BOUNDS = ("max_abs", "mean_abs", "mean_offset", "k3_kl", "prob_diff_mean")
+"""Statistics that are bounded (by the tolerance field of the same name); the others are reported only."""
 
 
 @dataclass(frozen=True)
@@ -62,15 +56,41 @@ class Comparison:
     not_a_number: list[TokenRow] = field(default_factory=list)
     pairs: tuple[Sequence[float], Sequence[float]] = ((), ())
     """Every finite (engine, trainer) pair compared, in order: what the plots show."""
+    floor: dict[str, float] | None = None
+    """The precision floor the bounds were scaled to (trainer in the engine's precision vs fp32)."""
+    factors: dict[str, float] = field(default_factory=dict)
+    """The floor factor of each calibrated bound."""
+
+    def floor_ratios(self) -> dict[str, float]:
+        """Each calibrated statistic as a multiple of its floor: what the factors bound."""
+        if not self.floor:
+            return {}
+        ratios = {}
+        for stat in self.factors:
+            if stat == "out_of_support":
+                continue
+            scale = floor_scale(stat, self.floor)
+            ratios[stat] = abs(self.stats.get(stat, 0.0)) / scale if scale > 0 else 0.0
+        return ratios
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
+    def recorded_stats(self) -> dict[str, float]:
+        """The statistics a golden keeps: this comparison's, and with a floor, the floor's and each ratio to it."""
+        stats = dict(self.stats)
+        if self.floor:
+            stats.update({f"floor_{k}": v for k, v in self.floor.items() if k != "tokens"})
+            stats.update({f"floor_ratio_{k}": v for k, v in self.floor_ratios().items()})
+        return stats
+
     def report(self, title: str = "engine vs trainer", limit: int = 10) -> str:
         """A multi-line, human-readable account: verdict, statistics, worst tokens."""
         verdict = "within tolerance" if self.ok else "OUT OF TOLERANCE: " + "; ".join(self.violations)
         lines = [f"{title}: {verdict}", stats_table(self.stats, self.tolerance)]
+        if self.floor:
+            lines.append(floor_line(self))
         if self.worst:
             lines.append(f"worst {min(limit, len(self.worst))} of {self.stats.get('tokens', 0)} tokens by |engine - trainer|:")
             lines.append(token_table(self.worst[:limit]))
@@ -93,12 +113,33 @@ def compare_logprobs(
     *,
     token_ids: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    floor: Ragged | None = None,
+    floor_stats: dict[str, float] | None = None,
     worst: int = 10,
 ) -> Comparison:
-    """Compare per-token logprobs sequence by sequence; never raises on a mismatch."""
+    """Compare per-token logprobs sequence by sequence; never raises on a mismatch.
+
+    ``floor`` holds the trainer's logprobs of the same tokens in the engine's precision
+    (``Recompute.floor``): a calibrated tolerance scales its bounds to how far those are
+    from ``trainer``. Where ``trainer`` is not the fp32 trainer (two engine paths compared),
+    pass ``floor_stats`` (:func:`precision_floor` of the twin against the fp32 trainer)
+    instead. One of them is required for a calibrated tolerance; both are ignored otherwise.
+    """
     tolerance = tolerance or Tolerance()
     if len(engine) != len(trainer):
         raise ValueError(f"{len(engine)} engine sequences vs {len(trainer)} trainer sequences")
+    factors: dict[str, float] = {}
+    if tolerance.calibrated:
+        if floor is None and floor_stats is None:
+            raise ValueError(
+                "this tolerance is scaled to the model's precision floor: pass floor=, the trainer's logprobs of the "
+                "same tokens in the engine's precision (Recompute.floor.processed from a trainer with a precision twin), "
+                "or give absolute bounds"
+            )
+        if floor_stats is None:
+            floor_stats = precision_floor(floor, trainer)
+        factors = dict(tolerance.floor_factors)
+        tolerance = tolerance.against_floor(floor_stats)
     finite_e: list[float] = []
     finite_t: list[float] = []
     rows: list[TokenRow] = []
@@ -128,9 +169,29 @@ def compare_logprobs(
     stats["out_of_support"] = len(outside)
     stats["not_a_number"] = len(nans)
     rows.sort(key=lambda r: abs(r.diff), reverse=True)
-    comparison = Comparison(stats, tolerance, [], rows[:worst], outside, nans, (finite_e, finite_t))
+    comparison = Comparison(stats, tolerance, [], rows[:worst], outside, nans, (finite_e, finite_t), floor_stats if factors else None, factors)
     comparison.violations = _violations(comparison, tolerance, rows)
     return comparison
+
+
+def precision_floor(floor: Ragged, trainer: Ragged) -> dict[str, float]:
+    """How far the trainer in the engine's precision is from the trainer in fp32, on the same tokens."""
+    if len(floor) != len(trainer) or any(len(f) != len(t) for f, t in zip(floor, trainer)):
+        raise ValueError("the precision floor must hold one logprob per trainer logprob")
+    low, full, outside, total = [], [], 0, 0
+    for f_seq, t_seq in zip(floor, trainer):
+        for f, t in zip(f_seq, t_seq):
+            if (f == t == -math.inf) or math.isnan(f) or math.isnan(t):
+                continue
+            total += 1
+            if math.isinf(f) or math.isinf(t):
+                outside += 1
+            else:
+                low.append(float(f))
+                full.append(float(t))
+    stats = mismatch_stats(low, full)
+    stats["out_of_support_share"] = outside / total if total else 0.0
+    return stats
 
 
 def assert_logprobs_close(
@@ -140,11 +201,31 @@ def assert_logprobs_close(
     *,
     token_ids: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    floor: Ragged | None = None,
     title: str = "engine vs trainer",
     layer: str = "custom",
 ) -> Comparison:
-    """Assert that two sets of per-token logprobs agree; raise :class:`ParityError` with a table if not."""
-    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode)
+    """Assert that two sets of per-token logprobs agree; raise :class:`ParityError` with a table if not.
+
+    :param engine: the engine's logprob of each sampled token, one list per completion.
+    :param trainer: the trainer's recompute of the same tokens (``Recompute.processed``).
+    :param tolerance: the bounds, e.g. ``rlparity_tolerance`` or ``Tolerance(max_abs=1e-3)``; a
+        reduced-precision tolerance is scaled to ``floor``.
+    :param token_ids: the sampled token ids, to name the worst tokens in the failure table.
+    :param decode: ``tokenizer.decode``, to show the worst tokens as text.
+    :param floor: the trainer's logprobs in the engine's precision (``Recompute.floor.processed``);
+        needed when the tolerance is calibrated (bf16 engines).
+    :param title: the first words of the failure message and the report entry.
+    :param layer: the report layer this check belongs to.
+
+    Example::
+
+        recomputed = rlparity_trainer.recompute(completions, settings)
+        assert_logprobs_close([c.logprobs for c in completions], recomputed.processed, rlparity_tolerance,
+                              floor=recomputed.floor_processed, token_ids=[c.token_ids for c in completions])
+    """
+    __tracebackhide__ = True
+    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, floor=floor)
     publish(comparison_entry(title, layer, comparison), comparison)
     if not comparison.ok:
         raise ParityError(comparison.report(title), layer=layer)
@@ -164,8 +245,8 @@ def _violations(comparison: Comparison, tolerance: Tolerance, rows: Sequence[Tok
         )
     if not stats.get("tokens"):
         return found
-    for stat, bound_name in BOUNDS:
-        bound = getattr(tolerance, bound_name)
+    for stat in BOUNDS:
+        bound = getattr(tolerance, stat)
         if bound is None:
             continue
         value = abs(stats[stat])
@@ -188,6 +269,25 @@ def stats_table(stats: dict[str, float], tolerance: Tolerance | None = None) -> 
         shown = f"{value:d}" if isinstance(value, int) else f"{value:.4g}"
         lines.append(f"  {name:<17}{shown:>12}{mark}")
     return "\n".join(lines)
+
+
+def floor_summary(comparison: Comparison) -> str:
+    """``mean_abs 2.3x its floor (bound 4x), k3_kl 9.1x (bound 12x)``: the ratios that matter in a message."""
+    ratios = comparison.floor_ratios()
+    return ", ".join(f"{s} {r:.2g}x its floor (bound {comparison.factors[s]:g}x)" for s, r in ratios.items() if s in ("mean_abs", "k3_kl", "mean_offset"))
+
+
+def floor_line(comparison: Comparison) -> str:
+    """``precision floor (...): mean_abs 0.031 -> engine 1.1x (bound 4x), ...``."""
+    floor = comparison.floor or {}
+    ratios = comparison.floor_ratios()
+    parts = [f"{s} {floor_scale(s, floor):.3g} -> {ratios[s]:.2f}x (bound {comparison.factors[s]:g}x)" for s in ratios]
+    outside = floor.get("out_of_support_share", 0.0)
+    return (
+        f"  precision floor (the trainer in the engine's precision vs fp32, {int(floor.get('tokens', 0))} tokens): "
+        + "; ".join(parts)
+        + f"; outside the support {outside:.1%}"
+    )
 
 
 def token_table(rows: Sequence[TokenRow]) -> str:

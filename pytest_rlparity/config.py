@@ -42,6 +42,10 @@ class Options:
     start_timeout: float = 600.0
     request_timeout: float = 300.0
     max_engines: int = 2
+    seed: int = 0
+    """Added to every sampling seed of the built-in suite: another seed is another clean run."""
+    trainer_device: str | None = None
+    """Where the trainer runs (``cpu``, ``cuda``, ``cuda:1``); default: the engine's device."""
     tolerance: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`~pytest_rlparity.settings.Tolerance` fields from a profile."""
 
@@ -137,6 +141,8 @@ def resolve(config: pytest.Config) -> Options:
         start_timeout=float(opt("rlparity_start_timeout") or config.getini("rlparity_start_timeout")),
         request_timeout=float(opt("rlparity_request_timeout") or config.getini("rlparity_request_timeout")),
         max_engines=int(config.getini("rlparity_max_engines")),
+        seed=int(opt("rlparity_seed") or 0),
+        trainer_device=opt("rlparity_trainer_device") or config.getini("rlparity_trainer_device") or None,
     )
     kwargs: dict[str, Any] = {}
     sources: dict[str, str] = {}

@@ -26,13 +26,13 @@ from .golden import (
     GoldenDiff,
     GoldenRecord,
     compare_golden,
-    golden_tolerance,
     identity_differences,
     load,
     noted_differences,
 )
+from .layers import LAYERS
+from .numerics import numerics_for
 from .results import REPORT_FORMAT
-from .session import LAYERS
 
 
 @dataclass
@@ -94,8 +94,8 @@ def diff_goldens(root_a: Path, root_b: Path) -> tuple[dict[str, LayerDiff], list
         if problems:
             layer.add(name, GoldenDiff(problems=["not comparable: " + "; ".join(problems)]))
             continue
-        record = GoldenRecord(doc_b["sequences"], doc_b["stats"], doc_b.get("sampling"), doc_b["curves"])
-        layer.add(name, compare_golden(doc_a, record, golden_tolerance(str(prov_a.get("dtype"))), migration=True))
+        record = GoldenRecord(doc_b["sequences"], doc_b["stats"], doc_b.get("sampling"), doc_b["curves"], doc_b["summaries"])
+        layer.add(name, compare_golden(doc_a, record, numerics_for(str(prov_a.get("dtype"))).golden, migration=True))
         if not context:
             context = noted_differences(prov_a, prov_b, MIGRATION_NOTED_KEYS)
     context += [f"only in A: {n}" for n in only_a] + [f"only in B: {n}" for n in only_b]

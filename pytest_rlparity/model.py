@@ -15,6 +15,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 GENERATOR_VERSION = 1
 """Bump when the generated model changes, so stale caches are not reused."""
@@ -145,6 +146,16 @@ def _generate(directory: Path, seed: int, variant: str = "") -> None:
             model.lm_head.weight[:, 0] = LARGE_LOGITS_CHANNEL[1]
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+def tokens_of_length(tokenizer: Any, count: int) -> list[int]:
+    """``count`` token ids of the corpus under ``tokenizer``, repeating it as needed, after BOS if the
+    tokenizer adds one: prompts sized in the model's own tokens, whatever its vocabulary."""
+    text = " ".join(CORPUS)
+    ids: list[int] = tokenizer(text).input_ids
+    while len(ids) < count:
+        ids += tokenizer(" " + text, add_special_tokens=False).input_ids
+    return ids[:count]
 
 
 def fingerprint(model_dir: str | os.PathLike[str]) -> str:

@@ -28,7 +28,8 @@ from .fixtures import (  # noqa: F401  (fixtures are registered by being importe
     rlparity_trainer,
     rlparity_trainer_factory,
 )
-from .session import LAYER_DOC, LAYERS, Outcome, RLParitySession
+from .layers import LAYER_DOC, LAYERS
+from .session import Outcome, RLParitySession
 
 CAUSE_KEY = "rlparity_cause"
 HEADLINE_KEY = "rlparity_headline"
@@ -63,6 +64,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rlparity-report", metavar="PATH", help="JSON report of the run (default: <artifacts dir>/report.json; 'none' to skip)")
     group.addoption("--rlparity-start-timeout", type=float, metavar="SECONDS", help="give up on an engine start after this long")
     group.addoption("--rlparity-request-timeout", type=float, metavar="SECONDS", help="give up on one engine call after this long")
+    group.addoption("--rlparity-seed", type=int, metavar="N", help="added to the built-in suite's sampling seeds (default 0)")
+    group.addoption("--rlparity-trainer-device", metavar="DEVICE", help="where the trainer runs (default: the engine's device)")
     parser.addini("rlparity_model", "local Hugging Face model directory", default="")
     parser.addini("rlparity_engine", "engine under test: vllm or hf", default="vllm")
     parser.addini("rlparity_engine_kwargs", "engine kwargs, one KEY=VALUE per line", type="linelist", default=[])
@@ -73,6 +76,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("rlparity_start_timeout", "seconds before an engine start is abandoned", default="600")
     parser.addini("rlparity_request_timeout", "seconds before one engine call is abandoned", default="300")
     parser.addini("rlparity_max_engines", "engines kept running at once", default="2")
+    parser.addini("rlparity_trainer_device", "where the trainer runs (default: the engine's device)", default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -34,6 +34,7 @@ ADVICE: dict[str, str] = {
     "token ids round-trip": "use the engine's token ids, never re-tokenize the decoded text",
     "finish handling": "score the EOS/stop token the engine sampled; strip stop strings from text only",
     "logprob values": "check the trainer's sampling settings, dtype and lm_head precision against the engine's",
+    "beyond the precision floor": "the model's own bf16 noise does not explain this: compare the engine's kernels, lm_head dtype and weights with an fp32 run",
     "prefix caching": "try enable_prefix_caching=false; if that fixes it, the cached path computes other numbers",
     "stale prefix cache": "call reset_prefix_cache() after every weight update (or pause with clear_cache=True)",
     "scoring": "teacher-forced prompt logprobs differ from the trainer's: check the weights, dtype and lm_head precision",
@@ -97,6 +98,11 @@ def comparison_entry(label: str, layer: str, comparison: Comparison, findings: S
         "tolerance": jsonable(comparison.tolerance.to_dict()),
         "violations": list(comparison.violations),
         "findings": [{"cause": f.cause, "message": f.message} for f in findings],
+        **(
+            {"floor": jsonable(comparison.floor), "floor_ratios": jsonable(comparison.floor_ratios()), "floor_factors": comparison.factors}
+            if comparison.floor
+            else {}
+        ),
     }
 
 

@@ -68,12 +68,12 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.float32), dim=-1)
 
 
-def output_counts(output_ids: Sequence[int], vocab_size: int) -> torch.Tensor:
+def output_counts(output_ids: Sequence[int], vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[T, V]`` counts of each token among ``output_ids[:t]``, i.e. before position ``t``."""
     steps = len(output_ids)
-    counts = torch.zeros(steps, vocab_size, dtype=torch.float32)
+    counts = torch.zeros(steps, vocab_size, dtype=torch.float32, device=device)
     if steps > 1:
-        onehot = torch.nn.functional.one_hot(torch.as_tensor(output_ids[:-1]), vocab_size).float()
+        onehot = torch.nn.functional.one_hot(torch.as_tensor(output_ids[:-1], device=device), vocab_size).float()
         counts[1:] = torch.cumsum(onehot, dim=0)
     return counts
 
@@ -87,12 +87,12 @@ def apply_penalties(
     steps, vocab = logits.shape
     if len(output_ids) < steps:
         raise ValueError(f"penalties need the {steps} output tokens the rows predict, got {len(output_ids)}")
-    counts = output_counts(output_ids[:steps], vocab)
+    counts = output_counts(output_ids[:steps], vocab, logits.device)
     seen = counts > 0
     if settings.repetition_penalty != 1.0:
-        in_prompt = torch.zeros(vocab, dtype=torch.bool)
+        in_prompt = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
         if len(prompt_ids):
-            in_prompt[torch.as_tensor(list(prompt_ids))] = True
+            in_prompt[torch.as_tensor(list(prompt_ids), device=logits.device)] = True
         penalty = torch.where(seen | in_prompt, settings.repetition_penalty, 1.0)
         logits = logits * torch.where(logits > 0, 1.0 / penalty, penalty)
     logits = logits - settings.frequency_penalty * counts

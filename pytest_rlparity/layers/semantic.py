@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..compare import Comparison, compare_logprobs
+from ..compare import Comparison, compare_logprobs, floor_summary
 from ..engines.base import Completion
 from ..settings import SamplingSettings, Tolerance
 from .report import Finding, LayerReport
@@ -39,10 +39,18 @@ def semantic_report(label: str, comparison: Comparison) -> LayerReport:
 
 
 def check_scores(
-    engine: Sequence[Sequence[float]], trainer: Sequence[Sequence[float]], tolerance: Tolerance, *, label: str
+    engine: Sequence[Sequence[float]],
+    trainer: Sequence[Sequence[float]],
+    tolerance: Tolerance,
+    *,
+    label: str,
+    floor: Sequence[Sequence[float]] | None = None,
 ) -> LayerReport:
-    """Teacher-forced logprobs of fixed sequences (the engine's prompt logprobs) against the trainer's."""
-    report = semantic_report(label, compare_logprobs(engine, trainer, tolerance))
+    """Teacher-forced logprobs of fixed sequences (the engine's prompt logprobs) against the trainer's.
+
+    ``floor``: the same scores by the trainer in the engine's precision (``Trainer.score_floor``).
+    """
+    report = semantic_report(label, compare_logprobs(engine, trainer, tolerance, floor=floor))
     if not report.comparison.ok:
         report.findings.append(
             Finding(
@@ -74,14 +82,16 @@ def check_completions(
         return tokenizer.decode(ids, skip_special_tokens=True)
     engine = [c.logprobs for c in completions]
     token_ids = [c.token_ids for c in completions]
-    comparison = compare_logprobs(engine, recompute.processed, tolerance, token_ids=token_ids, decode=decode)
+    comparison = compare_logprobs(
+        engine, recompute.processed, tolerance, token_ids=token_ids, decode=decode, floor=recompute.floor_processed
+    )
     report = semantic_report(settings.label(), comparison)
     findings = report.findings
     findings += _reported_tokens(completions)
     findings += _token_ids(completions, vocab_size, text_of)
     findings += _finish(completions, settings, eos_token_id, text_of)
     if not comparison.ok:
-        findings += _diagnose(engine, recompute, tolerance, comparison)
+        findings += _diagnose(engine, recompute, comparison)
     if recompute.alternatives is not None and settings.top_logprobs:
         alternatives = _alternatives(completions, recompute, tolerance, decode)
         report.extra.append(alternatives)
@@ -90,9 +100,9 @@ def check_completions(
     return report
 
 
-def _diagnose(
-    engine: Sequence[Sequence[float]], recompute: Recompute, tolerance: Tolerance, aligned: Comparison
-) -> list[Finding]:
+def _diagnose(engine: Sequence[Sequence[float]], recompute: Recompute, aligned: Comparison) -> list[Finding]:
+    """Name the signature; each hypothesis is judged with the bounds the aligned comparison used."""
+    tolerance = aligned.tolerance
     if any(lp > 1e-6 for seq in engine for lp in seq):
         return [
             Finding(
@@ -127,6 +137,15 @@ def _diagnose(
                     f"position t{shift:+d}): tokens and logprobs are misaligned by one.",
                 )
             ]
+    if aligned.floor:
+        return [
+            Finding(
+                "beyond the precision floor",
+                "the engine is further from the fp32 trainer than the model's own reduced precision explains "
+                f"({floor_summary(aligned)}), and the difference is not raw-vs-processed or a shift: check the "
+                "engine's lm_head precision, kernels and weights against the trainer's.",
+            )
+        ]
     return [
         Finding(
             "logprob values",
@@ -229,11 +248,14 @@ def _alternatives(
     completions: Sequence[Completion], recompute: Recompute, tolerance: Tolerance, decode: Callable[[list[int]], str]
 ) -> Comparison:
     """Compare every reported top-k alternative, not only the sampled token: the full distribution."""
-    engine, trainer, ids = [], [], []
-    for c, alts in zip(completions, recompute.alternatives or []):
-        for step, trainer_step in zip(c.top_logprobs or [], alts):
+    engine, trainer, floor, ids = [], [], [], []
+    floor_alternatives = recompute.floor.alternatives if recompute.floor is not None else None
+    for n, (c, alts) in enumerate(zip(completions, recompute.alternatives or [])):
+        for pos, (step, trainer_step) in enumerate(zip(c.top_logprobs or [], alts)):
             tokens = sorted(step)
             engine.append([step[t] for t in tokens])
             trainer.append([trainer_step[t] for t in tokens])
+            if floor_alternatives is not None:
+                floor.append([floor_alternatives[n][pos][t] for t in tokens])
             ids.append(tokens)
-    return compare_logprobs(engine, trainer, tolerance, token_ids=ids, decode=decode)
+    return compare_logprobs(engine, trainer, tolerance, token_ids=ids, decode=decode, floor=floor if floor_alternatives is not None else None)

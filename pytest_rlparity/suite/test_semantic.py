@@ -21,28 +21,23 @@ from pytest_rlparity.settings import Case, SamplingSettings
 pytestmark = pytest.mark.semantic
 
 GRID = [
-    Case("greedy", SamplingSettings(temperature=0.0, top_logprobs=5), "argmax; processed = raw unless penalties"),
-    Case("temperature", SamplingSettings(temperature=0.7), "T != 1 alone separates raw from processed"),
-    Case("top_k", SamplingSettings(temperature=0.7, top_k=20, top_logprobs=5), "the post's setting; alternatives too"),
-    Case("top_p", SamplingSettings(temperature=0.9, top_p=0.8), "nucleus filtering"),
-    Case("min_p", SamplingSettings(temperature=1.0, min_p=0.1), "min-p alone, at T=1"),
-    Case(
-        "penalties",
-        SamplingSettings(temperature=0.8, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3),
-        "penalties depend on the tokens generated so far",
-    ),
-    Case(
-        "combined",
-        SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.1, top_logprobs=3),
-        "every stage at once, in vLLM's order",
-    ),
+    Case("greedy", SamplingSettings(temperature=0.0, top_logprobs=5)),  # argmax; processed = raw unless penalties
+    Case("temperature", SamplingSettings(temperature=0.7)),  # T != 1 alone separates raw from processed
+    Case("top_k", SamplingSettings(temperature=0.7, top_k=20, top_logprobs=5)),  # the post's setting; alternatives too
+    Case("top_p", SamplingSettings(temperature=0.9, top_p=0.8)),  # nucleus filtering
+    Case("min_p", SamplingSettings(temperature=1.0, min_p=0.1)),  # min-p alone, at T=1
+    # penalties depend on the tokens generated so far
+    Case("penalties", SamplingSettings(temperature=0.8, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3)),
+    # every stage at once, in vLLM's order
+    Case("combined", SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.1, top_logprobs=3)),
 ]
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: c.name)
-def test_sampled_logprobs_match_trainer(case, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
-    completions = rlparity_engine.generate(rlparity_prompts, case.settings)
-    check_and_record(completions, case.settings, rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden)
+def test_sampled_logprobs_match_trainer(case, rlparity_session, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
+    settings = rlparity_session.seeded(case.settings)
+    completions = rlparity_engine.generate(rlparity_prompts, settings)
+    check_and_record(completions, settings, rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden)
 
 
 def check_and_record(completions, settings, engine, trainer, tolerance, golden) -> None:
@@ -50,14 +45,14 @@ def check_and_record(completions, settings, engine, trainer, tolerance, golden) 
     recompute = trainer.recompute(completions, settings)
     report = check_completions(completions, recompute, settings, tolerance, tokenizer=trainer.tokenizer)
     report.raise_if_failed()
-    golden.check(record_from(completions, report.comparison.stats, settings.to_dict()), engine.info)
+    golden.check(record_from(completions, report.comparison, settings.to_dict()), engine.info)
 
 
 FINISH = [
-    Case("eos", SamplingSettings(temperature=1.0, max_tokens=64), "EOS ends generations and is scored"),
-    Case("stop_string", SamplingSettings(temperature=1.0, max_tokens=64, stop=(" the",)), "stop string cut from the text"),
-    Case("stop_token", SamplingSettings(temperature=1.0, max_tokens=64), "stop token: the run's most frequent token"),
-    Case("ignore_eos", SamplingSettings(temperature=1.0, max_tokens=64, ignore_eos=True), "EOS sampled mid-sequence, generation goes on"),
+    Case("eos", SamplingSettings(temperature=1.0, max_tokens=64)),  # EOS ends generations and is scored
+    Case("stop_string", SamplingSettings(temperature=1.0, max_tokens=64, stop=(" the",))),  # stop string cut from the text
+    Case("stop_token", SamplingSettings(temperature=1.0, max_tokens=64)),  # stop token: the run's most frequent token
+    Case("ignore_eos", SamplingSettings(temperature=1.0, max_tokens=64, ignore_eos=True)),  # EOS sampled mid-sequence, generation goes on
 ]
 EXPECTED = {"eos": {"eos"}, "stop_string": {"stop string"}, "stop_token": {"stop token"}, "ignore_eos": {"length"}}
 
@@ -77,13 +72,14 @@ def finish_kind(completion) -> str:
 
 
 @pytest.mark.parametrize("case", FINISH, ids=lambda c: c.name)
-def test_finish_handling(case, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
-    settings = case.settings
+def test_finish_handling(case, rlparity_session, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
+    settings = rlparity_session.seeded(case.settings)
+    first_seed = settings.seed
     if case.name == "stop_token":
         settings = dataclasses.replace(settings, stop_token_ids=(most_frequent_token(rlparity_engine, rlparity_prompts, settings),))
     for attempt in range(4):  # other seeds until the case is exercised (the first is the golden's on CPU)
         if attempt:
-            settings = dataclasses.replace(settings, seed=attempt * 1000)
+            settings = dataclasses.replace(settings, seed=first_seed + attempt * 1000)
         completions = rlparity_engine.generate(rlparity_prompts, settings)
         kinds = {finish_kind(c) for c in completions}
         missing = EXPECTED[case.name] - kinds
@@ -97,11 +93,14 @@ def test_teacher_forced_scores_match_trainer(rlparity_engine, rlparity_trainer, 
     """Logprobs of fixed text: no sampler involved, so the golden compares across engines and versions."""
     sequences = [rlparity_trainer.tokenizer(sentence).input_ids for sentence in CORPUS]
     scores = rlparity_engine.score(sequences)
-    report = check_scores(scores, rlparity_trainer.score(sequences), rlparity_tolerance, label="teacher-forced scores of the corpus")
+    report = check_scores(
+        scores, rlparity_trainer.score(sequences), rlparity_tolerance, label="teacher-forced scores of the corpus",
+        floor=rlparity_trainer.score_floor(sequences),
+    )
     report.raise_if_failed()
     record = GoldenRecord(
         sequences=[{"prompt": [], "tokens": list(s), "logprobs": list(lp)} for s, lp in zip(sequences, scores)],
-        stats=report.comparison.stats,
+        stats=report.comparison.recorded_stats(),
         sampling={"teacher_forced": True},
     )
     rlparity_golden.check(record, rlparity_engine.info)

@@ -4,6 +4,10 @@ This is what an RL trainer does before its loss: feed prompt + completion throug
 own copy of the policy and read the logprob of each sampled token under the same
 *processed* distribution the sampler drew from. The body runs in ``dtype``; the final
 projection (lm_head) can run in a wider ``head_dtype``, as MiniMax-M1 and ScaleRL do.
+
+A trainer can carry a *precision twin*: the same weights in the engine's reduced precision.
+Its recompute of the same tokens is the model's precision floor, what a bf16 engine is
+judged against (:mod:`pytest_rlparity.numerics`).
 """
 
 from __future__ import annotations
@@ -33,34 +37,61 @@ class Recompute:
     """Per position, the trainer's processed logprob of every token the engine reported there."""
     entropy: list[list[float]] | None = None
     """Per position, the entropy (nats) of the processed distribution."""
+    floor: Recompute | None = None
+    """The same recompute by the trainer's precision twin (the engine's precision), if it has one."""
+
+    @property
+    def floor_processed(self) -> list[list[float]] | None:
+        """The twin's processed logprobs: the ``floor=`` of a calibrated comparison."""
+        return self.floor.processed if self.floor is not None else None
 
 
 class Trainer:
     """A transformers copy of the policy, as an RL trainer holds it."""
 
-    def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "float32", head_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        dtype: str = "float32",
+        head_dtype: str = "float32",
+        device: str = "cpu",
+        twin: tuple[str, str] | None = None,
+    ) -> None:
+        """``twin=(dtype, head_dtype)`` adds a precision twin with those dtypes (see :attr:`twin`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = str(model_dir)
         self.dtype = dtype
         self.head_dtype = head_dtype
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype))
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.vocab_size = int(self.model.config.vocab_size)
+        self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        """Whether the lm_head is the input embedding (one tensor here; an engine may hold two)."""
+        self._head: torch.Tensor | None = None
+        self.twin: Trainer | None = None
+        """The same policy in the engine's precision; follows this trainer's weights at every use."""
+        if twin is not None:
+            self.twin = Trainer(model_dir, dtype=twin[0], head_dtype=twin[1], device=device)
 
     def logits(self, sequence: Sequence[int], *, grad: bool = False) -> torch.Tensor:
         """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence``."""
         with torch.set_grad_enabled(grad):
-            return self._forward(torch.as_tensor([list(sequence)]))[0]
+            return self._forward(self._ids([list(sequence)]))[0]
+
+    def _ids(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.as_tensor(rows, device=self.device)
 
     def _forward(self, ids: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
         """float32 logits of ``ids`` (after the KV in ``past``, if any), and the KV cache grown by ``ids``."""
-        if self.head_dtype == self.dtype:
+        if self.head_dtype == self.dtype and self._head is None:
             out = self.model(input_ids=ids, past_key_values=past, use_cache=past is not None)
             return out.logits[0].float(), out.past_key_values
         out = self.model.get_decoder()(input_ids=ids, past_key_values=past, use_cache=past is not None)
-        head = self.model.get_output_embeddings().weight
+        head = self.model.get_output_embeddings().weight if self._head is None else self._head
         dtype = getattr(torch, self.head_dtype)
         return torch.nn.functional.linear(out.last_hidden_state[0].to(dtype), head.to(dtype)).float(), out.past_key_values
 
@@ -82,7 +113,7 @@ class Trainer:
 
         old, k = kv_from
         boundary = len(prompt_ids) + k - 1
-        ids = torch.as_tensor([full[:-1]])
+        ids = self._ids([full[:-1]])
         with torch.no_grad():
             with self.weights(old):
                 before, cache = self._forward(ids[:, :boundary], DynamicCache())
@@ -92,11 +123,16 @@ class Trainer:
     def recompute(
         self, completions: Sequence[Completion], settings: SamplingSettings, *, kv_from: dict[str, torch.Tensor] | None = None
     ) -> Recompute:
-        """Trainer logprobs of each completion's sampled tokens, processed and raw.
+        """Trainer logprobs of each completion's sampled tokens, processed and raw, and the twin's.
 
         With ``kv_from`` (old weights), completions that ran across a weight update are
         recomputed as if their KV from before it had been kept (see :meth:`completion_logits`).
         """
+        floor = None
+        if self.twin is not None:
+            self.twin.load_state(self.model.state_dict())
+            self.twin._head = self._head
+            floor = self.twin.recompute(completions, settings, kv_from=kv_from)
         processed, raw, alternatives, entropy = [], [], [], []
         for c in completions:
             if not c.token_ids:
@@ -107,7 +143,7 @@ class Trainer:
                 continue
             # Ids outside the vocabulary are an engine fault the semantic layer reports;
             # clamp them so the recompute runs, and mark their logprobs NaN.
-            ids = torch.as_tensor(c.token_ids)
+            ids = torch.as_tensor(c.token_ids, device=self.device)
             invalid = (ids < 0) | (ids >= self.vocab_size)
             ids = ids.clamp(0, self.vocab_size - 1)
             split = c.tokens_before_update
@@ -119,10 +155,10 @@ class Trainer:
             reported = c.top_logprobs or []
             alternatives.append([{t: float(lp[pos, t]) if 0 <= t < lp.shape[1] else float("nan") for t in step} for pos, step in enumerate(reported)])
             entropy.append(sampling.entropy(lp).tolist())
-        return Recompute(processed, raw, alternatives, entropy)
+        return Recompute(processed, raw, alternatives, entropy, floor)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the weights (the tiny model makes this cheap)."""
+        """A detached copy of the weights, on the trainer's device."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -138,6 +174,17 @@ class Trainer:
         finally:
             self.load_state(current)
 
+    @contextlib.contextmanager
+    def head_from(self, state: dict[str, torch.Tensor]) -> Iterator[Trainer]:
+        """Run the block with the lm_head of ``state`` and the current body: how an engine computes
+        that updated a tied model's embedding and kept its own copy of the head."""
+        name = next(n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight)
+        self._head = state[name].to(self.device)
+        try:
+            yield self
+        finally:
+            self._head = None
+
     def save(self, directory: str | os.PathLike[str]) -> str:
         """Write the weights as safetensors, the form vLLM's ``reload_weights`` reads."""
         self.model.save_pretrained(directory, safe_serialization=True)
@@ -149,7 +196,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         losses = []
         for seq in sequences:
-            ids = torch.as_tensor([list(seq)])
+            ids = self._ids([list(seq)])
             losses.append(self.model(input_ids=ids, labels=ids).loss)
         loss = torch.stack(losses).mean()
         loss.backward()
@@ -163,9 +210,16 @@ class Trainer:
         out = []
         for seq in sequences:
             logits = self.logits(list(seq)[:-1])
-            tokens = torch.as_tensor(list(seq)[1:]).unsqueeze(1)
+            tokens = self._ids([list(seq)[1:]]).T
             out.append(sampling.raw_logprobs(logits).gather(1, tokens).squeeze(1).tolist())
         return out
+
+    def score_floor(self, sequences: Sequence[Sequence[int]]) -> list[list[float]] | None:
+        """:meth:`score` by the precision twin (``None`` without one): the floor of a calibrated score check."""
+        if self.twin is None:
+            return None
+        self.twin.load_state(self.model.state_dict())
+        return self.twin.score(sequences)
 
 
 def _gather(logprobs: torch.Tensor, ids: torch.Tensor, invalid: torch.Tensor) -> list[float]:

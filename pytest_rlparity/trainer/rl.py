@@ -8,6 +8,7 @@ two are reported apart, so backend mismatch is not mistaken for staleness.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ class RLConfig:
     """GSPO clips the sequence-level ratio with much smaller bounds (the GSPO paper's values)."""
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=0.8, top_k=50, max_tokens=16))
     update_method: str = "reload_dir"
+    seed: int = 0
+    """Step ``s`` samples with seed ``seed + 10000 * s``: another seed is another run of the same loop."""
 
 
 def word_start_reward(tokenizer: Any) -> Callable[[Completion], float]:
@@ -74,6 +77,11 @@ class StepMetrics:
     entropy: float
     kl_new_old: float
     """k3 KL between the trainer after the step and before it, on the rollout tokens."""
+    floor_ratio_mean: float = 1.0
+    floor_k3_kl: float = 0.0
+    floor_mean_abs_log_ratio: float = 0.0
+    """The same three metrics between the trainer in the engine's precision and in fp32, on the
+    step's rollouts: the precision floor of a reduced-precision engine (1, 0, 0 without a twin)."""
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -100,18 +108,23 @@ class RLLoop:
         self.prompts = [list(p) for p in prompts]
         self.config = config
         self.reward = reward
+        self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="rlparity-rl-"))
         self.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.history: list[StepMetrics] = []
 
     def run(self) -> list[StepMetrics]:
-        for step in range(self.config.steps):
-            self.history.append(self.step(step))
+        try:
+            for step in range(self.config.steps):
+                self.history.append(self.step(step))
+        finally:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
         return self.history
 
     def step(self, step: int) -> StepMetrics:
         cfg = self.config
-        settings = replace(cfg.sampling, seed=step * 10_000)
+        settings = replace(cfg.sampling, seed=cfg.seed + step * 10_000)
         batch = [p for p in self.prompts for _ in range(cfg.group_size)]
         completions = [c for c in self.engine.generate(batch, settings) if c.token_ids]
         rewards = np.array([self.reward(c) for c in completions])
@@ -122,6 +135,7 @@ class RLLoop:
         flat_b, flat_o = np.concatenate(behaviour), np.concatenate(old)
         finite = np.isfinite(flat_b) & np.isfinite(flat_o)
         ratios = np.exp(flat_o[finite] - flat_b[finite])
+        floor = _floor_metrics(before.floor_processed, flat_o)
         entropy = float(np.mean([h for row in before.entropy or [] for h in row]))
         clipped = self._optimize(completions, settings, behaviour, advantages)
         new = [np.asarray(x) for x in self.trainer.recompute(completions, settings).processed]
@@ -140,6 +154,7 @@ class RLLoop:
             chi2=metrics.chi2(ratios),
             entropy=entropy,
             kl_new_old=metrics.k3(flat_o[ok], flat_n[ok]),
+            **floor,
         )
 
     def _optimize(
@@ -158,8 +173,9 @@ class RLLoop:
             for c, lp_b, adv in zip(completions, behaviour, advantages):
                 logits = self.trainer.completion_logits(c.prompt_ids, c.token_ids, grad=True)
                 lp = sampling.processed_logprobs(logits, settings, c.prompt_ids, c.token_ids)
-                lp_new = lp.gather(1, torch.as_tensor(c.token_ids).unsqueeze(1)).squeeze(1)
-                old = torch.as_tensor(lp_b, dtype=torch.float32)
+                device = self.trainer.device
+                lp_new = lp.gather(1, torch.as_tensor(c.token_ids, device=device).unsqueeze(1)).squeeze(1)
+                old = torch.as_tensor(lp_b, dtype=torch.float32, device=device)
                 mask = torch.isfinite(lp_new) & torch.isfinite(old)
                 if not bool(mask.any()):
                     continue
@@ -182,6 +198,20 @@ class RLLoop:
         path = self.trainer.save(self.workdir / f"step{step + 1}")
         self.engine.update_weights(path, method=self.config.update_method)
         self.engine.reset_prefix_cache()
+
+
+def _floor_metrics(floor: list[list[float]] | None, old: np.ndarray) -> dict[str, float]:
+    """Ratio mean, k3 and mean |log r| of the twin (engine precision) against the fp32 recompute."""
+    if floor is None:
+        return {}
+    low = np.concatenate([np.asarray(x, dtype=np.float64) for x in floor])
+    both = np.isfinite(low) & np.isfinite(old)
+    log_r = old[both] - low[both]
+    return {
+        "floor_ratio_mean": float(np.mean(np.exp(log_r))),
+        "floor_k3_kl": metrics.k3(low[both], old[both]),
+        "floor_mean_abs_log_ratio": float(np.mean(np.abs(log_r))),
+    }
 
 
 def _group_advantages(rewards: np.ndarray, group: int, n: int) -> np.ndarray:
