@@ -300,6 +300,7 @@ class RLParitySession:
         if "pool" in self.__dict__ and self.pool.starts:
             secs = ", ".join(f"{s.seconds:.1f}s" for s in self.pool.starts)
             lines.append(f"engine starts: {len(self.pool.starts)} ({secs})")
+        lines += self.floor_summary()
         lines += self.golden_notes
         if self.goldens.allowed:
             lines.append(
@@ -312,6 +313,17 @@ class RLParitySession:
         if self.report_written is not None:
             lines.append(f"report: {self.report_written}")
         return lines
+
+    def floor_summary(self) -> list[str]:
+        """One line on the checks scaled to the precision floor: how many, and the worst ratio of each statistic."""
+        scaled = [(o.nodeid.rsplit("::", 1)[-1], c) for o in self.outcomes for c in o.checks if c.get("floor_ratios")]
+        if not scaled:
+            return []
+        worst = []
+        for stat in ("mean_abs", "k3_kl", "mean_offset"):
+            name, check = max(scaled, key=lambda nc: nc[1]["floor_ratios"].get(stat, 0.0))
+            worst.append(f"{stat} {check['floor_ratios'].get(stat, 0.0):.2f}x (bound {check['floor_factors'].get(stat, 0):g}x, {name})")
+        return [f"precision floor: {len(scaled)} comparisons scaled to the model's own reduced-precision noise; worst " + "; ".join(worst)]
 
     def failures_below(self, layer: str) -> list[str]:
         """Failed tests of the layers under ``layer`` so far: what an objective failure is probably downstream of."""

@@ -74,3 +74,52 @@ def test_metrics_definitions():
     assert metrics.chi2([1.0, 1.0]) == 0.0
     assert metrics.clip_fraction([0.7, 1.0, 1.3], 0.2, 0.28) == pytest.approx(2 / 3)
     assert metrics.sequence_ratio(rollout, trainer) == pytest.approx(math.sqrt(2))
+
+
+def noisy(seqs, scale, seed):
+    """The same logprobs with reproducible noise of mean |Δ| about ``scale``: a reduced-precision copy."""
+    import random
+
+    rng = random.Random(seed)
+    return [[x + rng.gauss(0.0, scale * 1.25) for x in seq] for seq in seqs]
+
+
+REFERENCE = [[-0.2 - 0.05 * (i % 7) - 0.3 * (j % 3) for i in range(40)] for j in range(8)]
+
+
+def test_a_bf16_tolerance_scales_to_the_precision_floor_whatever_the_model_size():
+    """The same clean engine passes at a small and a large noise floor; 10x its floor fails either way."""
+    from pytest_rlparity.numerics import numerics_for
+
+    bf16 = numerics_for("bfloat16").tolerance
+    for scale in (0.03, 0.07):  # the embedded model's bf16 floor, a 1B model's
+        floor = noisy(REFERENCE, scale, seed=1)
+        clean = noisy(REFERENCE, scale, seed=2)
+        passed = compare_logprobs(clean, REFERENCE, bf16, floor=floor)
+        assert passed.ok, passed.report()
+        assert 0.7 < passed.floor_ratios()["mean_abs"] < 1.4
+        assert "precision floor (the trainer in the engine's precision vs fp32, 320 tokens)" in passed.report()
+        failed = compare_logprobs(noisy(REFERENCE, 10 * scale, seed=3), REFERENCE, bf16, floor=floor)
+        assert not failed.ok and any(v.startswith("mean_abs") for v in failed.violations)
+
+
+def test_a_calibrated_tolerance_needs_a_floor_and_a_pinned_bound_wins():
+    from pytest_rlparity.numerics import numerics_for
+
+    bf16 = numerics_for("bfloat16").tolerance
+    with pytest.raises(ValueError, match="scaled to the model's precision floor: pass floor="):
+        compare_logprobs(REFERENCE, REFERENCE, bf16)
+    floor = noisy(REFERENCE, 0.03, seed=1)
+    pinned = bf16.replace(mean_abs=0.001)  # a profile's [tolerance] mean_abs = 0.001
+    assert compare_logprobs(noisy(REFERENCE, 0.03, seed=2), REFERENCE, pinned, floor=floor).violations[0].startswith("mean_abs")
+    # A floor of zero (reduced precision that equals fp32) never makes bounds sharper than fp32's.
+    exact = compare_logprobs(REFERENCE, REFERENCE, bf16, floor=REFERENCE)
+    assert exact.ok and exact.tolerance.mean_abs == Tolerance().mean_abs
+
+
+def test_unknown_dtypes_are_an_error_with_the_known_ones():
+    from pytest_rlparity.numerics import numerics_for
+
+    with pytest.raises(ValueError, match="no numerics for dtype 'float8'; known: bfloat16, float16, float32"):
+        numerics_for("float8")
+    assert numerics_for("torch.bfloat16") is numerics_for("float16")

@@ -80,3 +80,15 @@ def test_a_loop_that_does_not_learn_fails():
     with pytest.raises(ParityError, match="did not learn"):
         check_learns(flat)
     check_learns([metrics(i, reward=0.1 + 0.1 * i) for i in range(6)])
+
+
+def test_bf16_on_policy_bounds_grow_with_the_steps_precision_floor():
+    """A 1B model's bf16 noise (mean |log r| 0.06) passes where its own floor is as large, not where it is small."""
+    bf16 = numerics_for("bfloat16").on_policy
+    big = metrics(0, mean_abs_log_ratio=0.065, floor_mean_abs_log_ratio=0.06, k3_kl=0.004, floor_k3_kl=0.0035)
+    check_on_policy([big], bf16)
+    small_floor = metrics(0, mean_abs_log_ratio=0.065, floor_mean_abs_log_ratio=0.01)
+    with pytest.raises(ParityError, match=r"step 0: mean_abs_log_ratio 0.065 \(bound 0.05\)"):
+        check_on_policy([small_floor], bf16)
+    with pytest.raises(ParityError, match=r"mean_abs_log_ratio 0.5 \(bound 0.24, 4x this step's precision floor\)"):
+        check_on_policy([metrics(0, mean_abs_log_ratio=0.5, floor_mean_abs_log_ratio=0.06)], bf16)

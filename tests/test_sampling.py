@@ -109,3 +109,20 @@ def test_entropy_of_uniform_and_masked():
     assert sampling.entropy(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
     masked = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]])
     assert sampling.entropy(masked).item() == pytest.approx(math.log(2))
+
+
+def test_prompts_are_sized_in_the_models_own_tokens(trainer):
+    from pytest_rlparity.model import tokens_of_length
+
+    ids = tokens_of_length(trainer.tokenizer, 1000)
+    assert len(ids) == 1000 and ids[0] == trainer.tokenizer.bos_token_id
+    assert trainer.tokenizer.bos_token_id not in ids[1:]
+
+
+def test_make_model_never_writes_into_an_existing_directory(tmp_path):
+    from pytest_rlparity.shapes import SHAPES, make_model
+
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileExistsError, match="exists; choose a new directory"):
+        make_model(tmp_path / "model", SHAPES["tiny-qwen2"])
+    assert SHAPES["llama-1b"].hidden == 2048 and SHAPES["llama-1b"].tied and SHAPES["qwen2-0.5b"].kv_heads == 2
