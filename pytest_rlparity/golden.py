@@ -288,10 +288,11 @@ def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: Gol
             f"{len(diverged)} of {len(old_seqs)} sequences sample other tokens than the golden (first at sequence "
             f"{first[0]}, position {first[1]}); logprobs compared on the {compared} token(s) before the divergence"
         )
-    if worst[0] > tolerance.logprob_atol:
+    atol = max(tolerance.logprob_atol, tolerance.logprob_floor_factor * golden.get("stats", {}).get("floor_max_abs", 0.0))
+    if not worst[0] <= atol:
         gap, i, pos = worst
         diff.problems.append(
-            f"logprobs drift from the golden by up to {gap:.3g} > {tolerance.logprob_atol:g} "
+            f"logprobs drift from the golden by up to {gap:.3g} > {atol:.3g} "
             f"(sequence {i}, position {pos}: golden {old_seqs[i]['logprobs'][pos]:.6g}, now {record.sequences[i]['logprobs'][pos]:.6g})"
         )
     _compare_curves(golden.get("curves", {}), record.curves, tolerance, diff)

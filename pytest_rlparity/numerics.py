@@ -23,6 +23,10 @@ class GoldenTolerance:
 
     logprob_atol: float
     """Per-token |now - golden| for the same token ids."""
+    logprob_floor_factor: float = 0.0
+    """Reduced precision: the per-token bound is at least this many times the largest difference
+    between the trainer in the engine's precision and in fp32 that the golden recorded
+    (``floor_max_abs``): compiled bf16 kernels differ between engine starts by up to that much."""
     stats_atol: dict[str, float] = field(default_factory=dict)
     """Per statistic |now - golden|; statistics not listed are recorded but not compared."""
     curve_bands: dict[str, float] = field(default_factory=dict)
@@ -68,14 +72,15 @@ class Numerics:
 FLOOR_FACTORS = {
     "max_abs": 4.0,
     "mean_abs": 4.0,
-    "mean_offset": 4.0,
+    "mean_offset": 8.0,
     "k3_kl": 12.0,
     "prob_diff_mean": 4.0,
     "out_of_support": 4.0,
 }
-"""Reduced precision: each bound is this many times the model's precision floor. Measured clean
-engines sit at 0.6-1.4x their floor (k3, a square, at up to 2x); the factors leave at least 3x over
-the worst clean ratio, and the seed post's faults land 3x or more beyond them (docs/tolerances.md)."""
+"""Reduced precision: each bound is this many times the model's precision floor. Clean engines
+measured at 0.8-1.3x their floor (mean |Δ| and max |Δ|, CPU and H100, 2-layer and 1B models), the
+mean offset at up to 2.4x (its floor is near zero); the factors leave 3x over the worst clean ratio,
+and the seed post's faults land 3x or more beyond the bound of k3 (docs/tolerances.md)."""
 
 FULL = Numerics(
     "float32",
@@ -99,6 +104,7 @@ REDUCED = Numerics(
     ),
     GoldenTolerance(
         logprob_atol=0.1,
+        logprob_floor_factor=1.0,
         # Distances to the floor, not raw statistics: they travel across model sizes.
         stats_atol={"floor_ratio_mean_abs": 1.0, "floor_ratio_k3_kl": 3.0, "floor_ratio_prob_diff_mean": 1.0},
         curve_bands={"ratio_mean": 0.01},

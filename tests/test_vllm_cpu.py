@@ -90,8 +90,8 @@ def test_bf16_lm_head_fails_the_head_check_and_names_the_fix(no_leaked_engines):
     out = result.stdout
     assert result.returncode == 1, out[-6000:]
     assert "FAILED pytest_rlparity/suite/test_inference_path.py::test_lm_head_precision [lm_head precision]" in out
-    assert 'bf16 engine, bfloat16 lm_head vs fp32 trainer: a bfloat16 lm_head loses what the trainer\'s fp32 head keeps: set hf_overrides={"head_dtype": "float32"}' in out
-    assert re.search(r"mean_abs 0\.\d+ > 0\.05", out), out[-4000:]
+    assert re.search(r'bf16 engine, bfloat16 lm_head vs fp32 trainer: the bf16 lm_head is \d+\.\dx further from the trainer than an fp32 head on the same model: set hf_overrides=\{"head_dtype": "float32"\}', out), out[-4000:]
+    assert re.search(r"k3_kl \d+x its floor \(bound 12x\)|k3_kl [\d.e-]+ > [\d.e-]+", out), out[-4000:]
 
 
 def test_stock_suite_runs_from_an_empty_directory_against_a_local_model(no_leaked_engines, tiny_model, tmp_path):

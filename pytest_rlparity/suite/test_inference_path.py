@@ -188,12 +188,14 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
         assert worse >= HEAD_WORSE, f"a bf16 head is only {worse:.2f}x worse on the large-logits model: this check cannot see head precision"
 
 
-def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_trainer, long_prompts, rlparity_tolerance):
+def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_session, rlparity_trainer, long_prompts, rlparity_tolerance):
     cold = fresh_path_engine.generate(long_prompts, GREEDY)
     warm = fresh_path_engine.generate(long_prompts, GREEDY)
     hits = [c.cached_tokens or 0 for c in warm]
     assert min(hits) >= 128, f"the prefix cache was not hit ({hits}): this check did not exercise the cached path"
-    report = same_tokens(cold, warm, label="prefix-cache hits vs cold cache", cause="prefix caching")
+    # In reduced precision a cached prefix is computed by other kernels than a whole prefill: a greedy
+    # near-tie may then flip a token, which is noise; both runs are judged against the trainer instead.
+    report = None if rlparity_session.numerics.reduced else same_tokens(cold, warm, label="prefix-cache hits vs cold cache", cause="prefix caching")
     if report is None:
         recompute = rlparity_trainer.recompute(warm, GREEDY)
         report = compare_paths(

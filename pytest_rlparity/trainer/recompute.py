@@ -158,8 +158,8 @@ class Trainer:
         return Recompute(processed, raw, alternatives, entropy, floor)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the weights, on the trainer's device."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """A copy of the weights in host memory: a history of versions must not crowd the GPU the engines share."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)

@@ -195,9 +195,11 @@ class RLLoop:
         return first_clip
 
     def _sync(self, step: int) -> None:
+        """Save, push, and drop the previous checkpoint: a 1B policy writes 4 GB a step, 12 of which fill a disk."""
         path = self.trainer.save(self.workdir / f"step{step + 1}")
         self.engine.update_weights(path, method=self.config.update_method)
         self.engine.reset_prefix_cache()
+        shutil.rmtree(self.workdir / f"step{step}", ignore_errors=True)
 
 
 def _floor_metrics(floor: list[list[float]] | None, old: np.ndarray) -> dict[str, float]:
