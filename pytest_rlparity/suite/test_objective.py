@@ -40,7 +40,7 @@ def rl_engine(rlparity_session, rlparity_engine_factory):
 
 @pytest.mark.parametrize("loss", ["gspo", "grpo", "ppo"])
 def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_engine, rlparity_session, rlparity_golden):
-    from pytest_rlparity.trainer.rl import RLConfig, RLLoop, word_start_reward  # torch: imported only when the test runs
+    from pytest_rlparity.trainer.rl import RLConfig, RLLoop, width_scaled_lr, word_start_reward  # torch: only when it runs
 
     info = rl_engine.info
     numerics = rlparity_session.numerics
@@ -53,7 +53,7 @@ def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_en
         rl_engine.reset_prefix_cache()
         trainer = rlparity_session.new_trainer()
         prompts = [trainer.tokenizer(" ".join(s.split()[:3])).input_ids for s in CORPUS[:4]]
-        config = RLConfig(loss=loss, seed=seed)
+        config = RLConfig(loss=loss, seed=seed, lr=width_scaled_lr(trainer))
         history = RLLoop(rl_engine, trainer, prompts, config, word_start_reward(trainer.tokenizer)).run()
         check_on_policy(history, numerics.on_policy, downstream_of=rlparity_session.failures_below("objective"))
         check_learns(history)
