@@ -50,13 +50,18 @@ def rlparity_engine_factory(rlparity_session: RLParitySession) -> Callable[..., 
 
 @pytest.fixture(scope="session")
 def rlparity_trainer(rlparity_session: RLParitySession) -> Any:
-    """The tiny trainer in fp32 (body and lm_head): the recompute the engine must match."""
+    """The trainer in fp32 (body and lm_head) on the engine's device: the recompute the engine must match.
+
+    For a bf16/fp16 engine it carries a precision twin (``Recompute.floor``, ``score_floor``):
+    the same weights in the engine's precision, which the engine's tolerance is scaled to.
+    """
     return rlparity_session.trainer()
 
 
 @pytest.fixture(scope="session")
 def rlparity_trainer_factory(rlparity_session: RLParitySession) -> Callable[..., Any]:
-    """``factory(dtype="bfloat16", head_dtype="float32")`` -> a trainer with that numerical path."""
+    """``factory(dtype="bfloat16", head_dtype="float32", model_dir=None, twin="engine")`` -> a trainer with that
+    numerical path (``twin``: the precision twin's ``(dtype, head_dtype)``, ``None``, or the engine's)."""
     return rlparity_session.trainer
 
 

@@ -49,6 +49,10 @@ MIGRATION_NOTED_KEYS = (*MIGRATION_KEYS, *NOTED_KEYS)
 
 UPDATE_MODES = ("off", "mismatch", "all")
 
+DRAWN_SETTINGS = ("seed", "stop_token_ids")
+"""Sampling settings that another draw may change: the seed, and what a case derives from its
+rollouts (the stop-token case stops at the run's most frequent token)."""
+
 SUMMARIES = ("reward_gain", "reward_last", "entropy_mean")
 """What an RL run's curves are judged by across machines: where its reward and entropy end up.
 Step-by-step trajectories follow the sampled rollouts, which no two machines draw alike (fp32 CPU
@@ -349,7 +353,8 @@ def _compare_summaries(old: dict[str, list[float]], new: dict[str, list[float]],
 def compare_golden(golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance, *, migration: bool) -> GoldenDiff:
     """Sampling settings, then the numbers.
 
-    Another sampling seed is another draw of the same check: noted, and compared. Other
+    Another sampling seed is another draw of the same check (with the settings a case derives
+    from its rollouts, :data:`DRAWN_SETTINGS`): noted, and compared. Other
     sampling settings make the numbers incomparable, except in a migration, where a case may
     have adapted its settings to the other sampler (another seed until EOS is drawn, that
     sampler's most frequent token as stop token).
@@ -358,7 +363,8 @@ def compare_golden(golden: dict[str, Any], record: GoldenRecord, tolerance: Gold
     if old == new:
         return compare_records(golden, record, tolerance)
     difference = sampling_difference(old, new)
-    if not migration and {k for k in set(old) | set(new) if old.get(k) != new.get(k)} != {"seed"}:
+    changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if not migration and not ("seed" in changed and changed <= set(DRAWN_SETTINGS)):
         return GoldenDiff([difference])
     diff = compare_records(golden, record, tolerance)
     diff.notes.insert(0, difference)

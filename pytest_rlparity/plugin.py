@@ -6,7 +6,9 @@ nothing heavy is imported and every parity test is skipped with a reason.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Generator
 
@@ -199,19 +201,44 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         parity.close()
 
 
-def _interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (a CI timeout, ``kill``) like Ctrl-C, so pytest's teardown closes the engines.
+TERM_GRACE_S = 30.0
+"""After SIGTERM, how long pytest may take to tear down before the process ends regardless."""
 
-    Only installed where nobody else handles SIGTERM, and only from the main thread.
+
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a CI cancel or timeout, ``kill``) like Ctrl-C, so pytest's teardown runs,
+    but first end the engine processes and arm a deadline.
+
+    CI runners signal the whole process group: the engine core dies with pytest, and a
+    KeyboardInterrupt raised while vLLM's client holds a lock could leave teardown waiting on
+    it forever (seen: every thread on a futex for 20 minutes). With the engines already gone
+    nothing is left to wait for, and :data:`TERM_GRACE_S` after the signal the process exits
+    with 143 whatever still waits. Only installed where nobody else handles SIGTERM, and
+    only from the main thread.
     """
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
 
         def interrupt(signum: int, frame: object) -> None:
+            from .engines.processes import kill_all
+
+            deadline = threading.Timer(TERM_GRACE_S, _exit_after_term, args=(signum,))
+            deadline.daemon = True
+            deadline.start()
+            kill_all()
             raise KeyboardInterrupt(f"received signal {signum}")
 
         signal.signal(signal.SIGTERM, interrupt)
+
+
+def _exit_after_term(signum: int) -> None:
+    sys.stderr.write(
+        f"\nrlparity: pytest did not finish within {TERM_GRACE_S:.0f}s of signal {signum}; the engines were "
+        "already stopped, exiting now\n"
+    )
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _layer_rank(item: pytest.Item) -> int:

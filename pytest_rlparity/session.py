@@ -129,10 +129,9 @@ class RLParitySession:
         ``twin``: the precision twin's ``(dtype, head_dtype)``; by default the engine's precision
         (:attr:`engine_precision`, none for an fp32 engine), which calibrated comparisons need.
         """
-        precision = self.engine_precision if twin == "engine" else twin
-        key = (str(model_dir or self.model_dir), dtype, head_dtype or dtype, precision)
+        key = (str(model_dir or self.model_dir), dtype, head_dtype or dtype, self._twin(twin))
         if key not in self._trainers:
-            self._trainers[key] = self.new_trainer(Path(key[0]), dtype=key[1], head_dtype=key[2], twin=precision)
+            self._trainers[key] = self.new_trainer(Path(key[0]), dtype=key[1], head_dtype=key[2], twin=key[3])
         return self._trainers[key]
 
     def new_trainer(
@@ -143,8 +142,11 @@ class RLParitySession:
 
         return Trainer(
             model_dir or self.model_dir, dtype=dtype, head_dtype=head_dtype or dtype, device=self.trainer_device,
-            twin=self.engine_precision if twin == "engine" else twin,
+            twin=self._twin(twin),
         )
+
+    def _twin(self, twin: Twin) -> tuple[str, str] | None:
+        return self.engine_precision if twin == "engine" else twin
 
     @property
     def engine_precision(self) -> tuple[str, str] | None:

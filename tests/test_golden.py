@@ -231,3 +231,9 @@ def test_another_seed_is_compared_other_sampling_settings_are_refused(tmp_path, 
     hotter = record()
     hotter.sampling = {"temperature": 0.9, "seed": 0}
     assert compare_golden(golden, hotter, TOL, migration=False).problems == ["recorded with other sampling settings (temperature: 0.7 -> 0.9)"]
+    stopped = record()
+    stopped.sampling = {"temperature": 0.7, "seed": 7, "stop_token_ids": [52]}
+    golden["sampling"]["stop_token_ids"] = [96]
+    assert not compare_golden(golden, stopped, TOL, migration=False).problems  # the stop token is drawn from the run
+    stopped.sampling["seed"] = 0
+    assert compare_golden(golden, stopped, TOL, migration=False).problems  # the same seed must give the same stop token

@@ -54,8 +54,10 @@ class EnginePool:
         if key in self._failed:  # do not pay a failing start twice
             raise self._failed[key]
         if key in self._alive:
-            self._alive.move_to_end(key)
-            return self._alive[key]
+            if not getattr(self._alive[key], "dead", ""):
+                self._alive.move_to_end(key)
+                return self._alive[key]
+            self._alive.pop(key).close()  # its process died under an earlier test: start a new one
         while len(self._alive) >= self.max_alive:
             _, oldest = self._alive.popitem(last=False)
             oldest.close()

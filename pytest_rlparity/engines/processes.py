@@ -9,13 +9,18 @@ registry kills whatever is still alive at interpreter exit (Ctrl-C included).
 from __future__ import annotations
 
 import atexit
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psutil
 
 _LIVE: set[ProcessGroup] = set()
+
+INTERRUPT = signal.SIGUSR2
+"""Sent to the main thread when an engine process dies under a call that waits on it."""
 
 
 class ProcessGroup:
@@ -43,15 +48,7 @@ class ProcessGroup:
     def alive(self) -> list[psutil.Process]:
         if not self.sealed:  # still starting: everything new is ours
             self.pids |= {p.pid for p in _children()} - self.before
-        found = []
-        for pid in self.pids:
-            try:
-                proc = psutil.Process(pid)
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-            except psutil.NoSuchProcess:
-                continue
-        return found
+        return [proc for proc in map(_process, self.pids) if proc is not None]
 
     def kill(self, grace: float = 3.0) -> None:
         """Terminate, then kill, every process of the group and their children."""
@@ -74,6 +71,92 @@ class ProcessGroup:
                 pass
         psutil.wait_procs(stubborn, timeout=grace)
         _LIVE.discard(self)
+
+
+class EngineDied(BaseException):
+    """Raised in the main thread when an engine process died while a call waited on it.
+
+    A ``BaseException``, so that no ``except Exception`` inside the engine's client swallows it.
+    """
+
+
+@dataclass
+class DeathWatch:
+    """What :func:`death_watch` saw: the processes that died, by pid and name."""
+
+    died: str = ""
+    armed: bool = False
+
+
+_watching: list[DeathWatch] = []
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    watch = next((w for w in _watching if w.died and w.armed), None)
+    if watch is not None:
+        watch.armed = False
+        raise EngineDied(watch.died)
+
+
+@contextmanager
+def death_watch(group: ProcessGroup, interval: float = 0.5) -> Iterator[DeathWatch]:
+    """Notice within ``interval`` seconds that one of ``group``'s processes died while the block
+    runs, and interrupt the main thread with :class:`EngineDied`.
+
+    An engine client blocked on a dead engine core may wait for minutes (seen: over 5 after an
+    OOM kill) or forever; a watched call fails in a second, naming the process. Processes the
+    watchdog or :meth:`ProcessGroup.kill` ended are not deaths. Interrupts only where the block
+    runs in the main thread and nobody else handles :data:`INTERRUPT`.
+    """
+    watch = DeathWatch()
+    names = {}
+    for proc in group.alive():
+        try:
+            names[proc.pid] = proc.name()
+        except psutil.Error:
+            names[proc.pid] = "?"
+    interrupt = threading.current_thread() is threading.main_thread() and signal.getsignal(INTERRUPT) in (
+        signal.SIG_DFL, _on_interrupt,
+    )
+    if interrupt:
+        signal.signal(INTERRUPT, _on_interrupt)
+    stop = threading.Event()
+    main = threading.main_thread().ident
+
+    def poll() -> None:
+        while not stop.wait(interval):
+            if group.killed_by_watchdog or group not in _LIVE:
+                return
+            gone = [pid for pid in names if not _running(pid)]
+            if gone:
+                watch.died = ", ".join(f"{names[pid]} (pid {pid})" for pid in gone)
+                if interrupt and main is not None:
+                    watch.armed = True
+                    signal.pthread_kill(main, INTERRUPT)
+                return
+
+    _watching.append(watch)
+    thread = threading.Thread(target=poll, name="rlparity-death-watch", daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        stop.set()
+        watch.armed = False
+        _watching.remove(watch)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """The process ``pid`` if it is running (not gone, not a zombie)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _running(pid: int) -> bool:
+    return _process(pid) is not None
 
 
 @contextmanager
@@ -116,6 +199,7 @@ def _is_resource_tracker(proc: psutil.Process) -> bool:
 
 
 @atexit.register
-def _kill_leftovers() -> None:
+def kill_all(grace: float = 1.0) -> None:
+    """End every engine process still alive (at exit, and on SIGTERM before anything waits on them)."""
     for group in list(_LIVE):
-        group.kill(grace=1.0)
+        group.kill(grace=grace)

