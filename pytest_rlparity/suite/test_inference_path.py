@@ -221,8 +221,13 @@ def policy(vllm_only, rlparity_session):
 
 
 def train_and_push(trainer, engine, directory, prompts, history, *, method="reload_dir"):
-    """One optimizer step, save, push into the engine: what an RL trainer does every step."""
-    trainer.sft_step([p + p[1:] for p in prompts], lr=1e-2)
+    """One optimizer step, save, push into the engine: what an RL trainer does every step.
+
+    The step size shrinks with the model's width: at 1e-2 a 1B policy collapses onto the trained
+    tokens (every logprob near 0), which would leave the check nothing to tell apart."""
+    from pytest_rlparity.trainer.rl import width_scaled_lr
+
+    trainer.sft_step([p + p[1:] for p in prompts], lr=width_scaled_lr(trainer, base=1e-2))
     engine.update_weights(trainer.save(directory / f"v{len(history)}"), method=method)
 
 
