@@ -382,10 +382,10 @@ class VLLMEngine:
                     "the engine was stopped (raise --rlparity-request-timeout if this machine is slow)"
                 ) from exc
             if watch.died or type(exc).__name__ == "EngineDeadError":
-                self.dead = watch.died or "EngineDeadError"
+                self.dead = f"{watch.died} is gone" if watch.died else "its engine core failed (vLLM raised EngineDeadError)"
                 raise EngineError(
-                    f"the vLLM engine died during {what}: {self.dead} is gone (killed, out of memory, or crashed: the "
-                    f"engine's own output above names the root cause). Engine kwargs: {self.info.kwargs}. "
+                    f"the vLLM engine died during {what}: {self.dead}; killed, out of memory, or crashed: the engine's "
+                    f"own output (captured stderr) names the root cause. Engine kwargs: {self.info.kwargs}. "
                     "This test fails; the next one gets a new engine."
                 ) from exc
             raise
