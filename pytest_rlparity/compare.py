@@ -133,7 +133,7 @@ def compare_logprobs(
         if floor is None and floor_stats is None:
             raise ValueError(
                 "this tolerance is scaled to the model's precision floor: pass floor=, the trainer's logprobs of the "
-                "same tokens in the engine's precision (Recompute.floor.processed from a trainer with a precision twin), "
+                "same tokens in the engine's precision (Recompute.floor_processed of a trainer with a precision twin), "
                 "or give absolute bounds"
             )
         if floor_stats is None:
