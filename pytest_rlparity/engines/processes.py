@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import psutil
 
 _LIVE: set[ProcessGroup] = set()
+_stopping = threading.Event()
+"""Set once every engine is being ended on purpose (SIGTERM, exit): no death is news then."""
 
 INTERRUPT = signal.SIGUSR2
 """Sent to the main thread when an engine process dies under a call that waits on it."""
@@ -125,7 +127,7 @@ def death_watch(group: ProcessGroup, interval: float = 0.5) -> Iterator[DeathWat
 
     def poll() -> None:
         while not stop.wait(interval):
-            if group.killed_by_watchdog or group not in _LIVE:
+            if group.killed_by_watchdog or group not in _LIVE or _stopping.is_set():
                 return
             gone = [pid for pid in names if not _running(pid)]
             if gone:
@@ -201,5 +203,6 @@ def _is_resource_tracker(proc: psutil.Process) -> bool:
 @atexit.register
 def kill_all(grace: float = 1.0) -> None:
     """End every engine process still alive (at exit, and on SIGTERM before anything waits on them)."""
+    _stopping.set()
     for group in list(_LIVE):
         group.kill(grace=grace)
