@@ -53,12 +53,6 @@ DRAWN_SETTINGS = ("seed", "stop_token_ids")
 """Sampling settings that another draw may change: the seed, and what a case derives from its
 rollouts (the stop-token case stops at the run's most frequent token)."""
 
-SUMMARIES = ("reward_gain", "reward_last", "entropy_mean")
-"""What an RL run's curves are judged by across machines: where its reward and entropy end up.
-Step-by-step trajectories follow the sampled rollouts, which no two machines draw alike (fp32 CPU
-rollouts diverged between an Intel and an AMD box from step 5 on), so they are plotted, not judged."""
-
-
 @dataclass
 class GoldenRecord:
     """What a check stores: the rollouts it judged and its statistics."""
@@ -70,7 +64,8 @@ class GoldenRecord:
     curves: dict[str, list[float]] = field(default_factory=dict)
     """Per metric, one value per training step (objective layer)."""
     summaries: dict[str, list[float]] = field(default_factory=dict)
-    """Per :data:`SUMMARIES` entry, one value per run (seed): the band a later run must land in."""
+    """Per run summary (:func:`~pytest_rlparity.layers.objective.curve_summaries`), one value per run
+    (seed): the band a later run must land in."""
 
 
 class GoldenStore:

@@ -78,13 +78,15 @@ def step_bound(bounds: OnPolicyBounds, m: StepMetrics, name: str) -> float | Non
 
 def check_learns(history: Sequence[StepMetrics], min_gain: float = 0.1) -> None:
     """The clean loop must learn: mean reward of the last 3 steps beats the first 3 by ``min_gain``."""
-    first = sum(m.reward for m in history[:3]) / 3
-    last = sum(m.reward for m in history[-3:]) / 3
+    summary = curve_summaries(history)
+    last = summary["reward_last"]
+    first = last - summary["reward_gain"]
+    learned = summary["reward_gain"] >= min_gain
     publish({
-        "kind": "metrics", "label": "the loop learns", "layer": LAYER, "verdict": "pass" if last >= first + min_gain else "fail",
+        "kind": "metrics", "label": "the loop learns", "layer": LAYER, "verdict": "pass" if learned else "fail",
         "stats": {"reward_first3": first, "reward_last3": last}, "tolerance": {"min_gain": min_gain}, "findings": [],
     })
-    if last < first + min_gain:
+    if not learned:
         raise ParityError(
             f"[{LAYER}] the RL loop did not learn: reward {first:.3f} -> {last:.3f} (needs +{min_gain})\n" + curve_table(history),
             layer=LAYER,
@@ -93,9 +95,12 @@ def check_learns(history: Sequence[StepMetrics], min_gain: float = 0.1) -> None:
 
 
 def curve_summaries(history: Sequence[StepMetrics], last: int = 3) -> dict[str, float]:
-    """Where a run goes (:data:`~pytest_rlparity.golden.SUMMARIES`): reward gain (mean of the last
+    """Where a run goes, what objective goldens judge across machines: reward gain (mean of the last
     ``last`` steps minus the first ``last``), final reward (mean of the last steps), and the mean
-    entropy over all steps (the final entropy alone varies from 0.02 to 1.4 nats between seeds)."""
+    entropy over all steps (the final entropy alone varies from 0.02 to 1.4 nats between seeds).
+
+    Step-by-step trajectories follow the sampled rollouts, which no two machines draw alike (fp32
+    CPU rollouts diverged between an Intel and an AMD box from step 5 on): plotted, not judged."""
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 

@@ -128,11 +128,8 @@ class Trainer:
         With ``kv_from`` (old weights), completions that ran across a weight update are
         recomputed as if their KV from before it had been kept (see :meth:`completion_logits`).
         """
-        floor = None
-        if self.twin is not None:
-            self.twin.load_state(self.model.state_dict())
-            self.twin._head = self._head
-            floor = self.twin.recompute(completions, settings, kv_from=kv_from)
+        twin = self._synced_twin()
+        floor = twin.recompute(completions, settings, kv_from=kv_from) if twin is not None else None
         processed, raw, alternatives, entropy = [], [], [], []
         for c in completions:
             if not c.token_ids:
@@ -216,10 +213,15 @@ class Trainer:
 
     def score_floor(self, sequences: Sequence[Sequence[int]]) -> list[list[float]] | None:
         """:meth:`score` by the precision twin (``None`` without one): the floor of a calibrated score check."""
-        if self.twin is None:
-            return None
-        self.twin.load_state(self.model.state_dict())
-        return self.twin.score(sequences)
+        twin = self._synced_twin()
+        return twin.score(sequences) if twin is not None else None
+
+    def _synced_twin(self) -> Trainer | None:
+        """The precision twin holding this trainer's current weights (and lm_head override), if any."""
+        if self.twin is not None:
+            self.twin.load_state(self.model.state_dict())
+            self.twin._head = self._head
+        return self.twin
 
 
 def _gather(logprobs: torch.Tensor, ids: torch.Tensor, invalid: torch.Tensor) -> list[float]:
