@@ -77,6 +77,11 @@ class Comparison:
     def ok(self) -> bool:
         return not self.violations
 
+    @property
+    def empty(self) -> bool:
+        """No token on either side: the comparison checked nothing (which fails it)."""
+        return not (self.stats.get("tokens") or self.out_of_support or self.not_a_number)
+
     def recorded_stats(self) -> dict[str, float]:
         """The statistics a golden keeps: this comparison's, and with a floor, the floor's and each ratio to it."""
         stats = dict(self.stats)
@@ -234,6 +239,8 @@ def assert_logprobs_close(
 
 def _violations(comparison: Comparison, tolerance: Tolerance, rows: Sequence[TokenRow]) -> list[str]:
     stats = comparison.stats
+    if comparison.empty:
+        return ["no token to compare: an empty comparison checks nothing"]
     found = []
     if comparison.not_a_number:
         found.append(f"{len(comparison.not_a_number)} NaN logprob(s)")

@@ -9,13 +9,13 @@ and kept as strings otherwise (``logprobs_mode=processed_logprobs``).
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
 ENGINES = ("vllm", "hf")
 
@@ -170,11 +170,15 @@ def resolve(config: pytest.Config) -> Options:
         model = str(Path(opt("rlparity_model")).expanduser().resolve())
     if engine not in ENGINES:
         raise pytest.UsageError(f"--rlparity-engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if model is not None and not (Path(model) / "config.json").is_file():
-        raise pytest.UsageError(
-            f"--rlparity-model {model}: not a local Hugging Face model directory (no config.json). "
-            "pytest-rlparity never downloads models; point it at a directory on disk."
-        )
+    if model is not None:
+        from .model import check_model_dir
+
+        try:
+            check_model_dir(Path(model))
+        except (ValueError, OSError) as exc:
+            raise pytest.UsageError(
+                f"--rlparity-model: {exc}. pytest-rlparity never downloads models; point it at a directory on disk."
+            ) from None
     options.engine, options.model = engine, model
     options.engine_kwargs, options.kwarg_sources = kwargs, sources
     return options

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from .golden import GoldenRecord
-from .numerics import numerics_for
 from .layers import LAYERS
+from .numerics import numerics_for
 from .session import RLParitySession
 from .settings import Tolerance
 
@@ -93,17 +93,13 @@ class GoldenCheck:
 
     def check(self, record: GoldenRecord, info: Any, name: str | None = None) -> None:
         """Compare with (or, when updating, write) the golden for this test on ``info``'s platform."""
-        store = self.session.goldens
-        path = self.path(info, name)
-        note = store.check(
-            path,
+        self.session.goldens.check(
+            self.path(info, name),
             record,
             numerics_for(info.dtype).golden,
             provenance=self.session.provenance(info),
             nodeid=self.node.nodeid,
         )
-        if note:
-            self.session.golden_notes.append(note)
 
 
 @pytest.fixture

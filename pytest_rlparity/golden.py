@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import GoldenError
+from .files import safe_name, write_atomic
 from .numerics import GoldenTolerance
 from .results import publish
 
@@ -81,10 +79,11 @@ class GoldenStore:
         self.migration = migration
         self.update_hint = update_hint
         self.allowed: list[str] = []
-        """Goldens that matched with allowed differences (changed settings, other tokens), one line each."""
+        """Goldens this store matched with allowed differences (changed settings, other tokens), one line
+        each. The run's summary reads them from the published entries, which travel with xdist."""
 
     def path_for(self, platform: str, layer: str, name: str) -> Path:
-        return self.root / platform / layer / (_safe(name) + ".json")
+        return self.root / platform / layer / (safe_name(name) + ".json")
 
     def check(
         self,
@@ -103,20 +102,23 @@ class GoldenStore:
         differences are reported, the numbers are still compared, nothing is written.
         """
         rerecord = f"{self.update_hint} {shlex.quote(nodeid)} --rlparity-update-goldens"
+        replace = f"{rerecord}=all"
         entry: dict[str, Any] = {"kind": "golden", "label": f"golden {path.parent.name}/{path.name}", "path": str(path)}
         if not path.exists():
             if self.mode == "off":
                 publish({**entry, "verdict": "fail", "findings": [{"cause": "golden", "message": "missing"}]})
                 raise GoldenError(f"no golden at {path}{self._platforms_hint(path)}.\nRecord it with: {rerecord}")
             self._write(path, record, provenance)
-            publish({**entry, "verdict": "created"})
-            return f"golden created: {path}"
-        golden = load(path, rerecord)
-        entry["golden_provenance"] = golden.get("provenance", {})
+            note = f"golden created: {path}"
+            publish({**entry, "verdict": "created", "note": note})
+            return note
         if self.mode == "all":
             self._write(path, record, provenance)
-            publish({**entry, "verdict": "rewritten"})
-            return f"golden rewritten: {path}"
+            note = f"golden rewritten: {path}"
+            publish({**entry, "verdict": "rewritten", "note": note})
+            return note
+        golden = load(path, replace)
+        entry["golden_provenance"] = golden.get("provenance", {})
         problems = identity_differences(golden.get("provenance", {}), provenance, self.identity_keys)
         diff = GoldenDiff(problems)
         if not problems:
@@ -124,14 +126,16 @@ class GoldenStore:
         noted = noted_differences(golden.get("provenance", {}), provenance, self.noted_keys)
         entry.update(distance=diff.distance, notes=diff.notes, changed=noted)
         if not diff.problems:
-            publish({**entry, "verdict": "match"})
-            if diff.notes or noted:
-                self.allowed.append(f"{path.parent.name}/{path.name}: {'; '.join([*noted, *diff.notes][:2])}")
+            allowed = f"{path.parent.name}/{path.name}: {'; '.join([*noted, *diff.notes][:2])}" if diff.notes or noted else None
+            publish({**entry, "verdict": "match", **({"allowed": allowed} if allowed else {})})
+            if allowed:
+                self.allowed.append(allowed)
             return None
         if self.mode == "mismatch":
             self._write(path, record, provenance)
-            publish({**entry, "verdict": "re-recorded", "findings": [{"cause": "golden", "message": p} for p in diff.problems]})
-            return f"golden re-recorded ({diff.problems[0]}): {path}"
+            note = f"golden re-recorded ({diff.problems[0]}): {path}"
+            publish({**entry, "verdict": "re-recorded", "note": note, "findings": [{"cause": "golden", "message": p} for p in diff.problems]})
+            return note
         publish({**entry, "verdict": "fail", "findings": [{"cause": "golden", "message": p} for p in diff.problems]})
         raise GoldenError(
             f"this run differs from the golden {path}:\n  - "
@@ -173,21 +177,23 @@ class GoldenStore:
         write_atomic(path, dumps(document))
 
 
-def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-goldens") -> dict[str, Any]:
-    """Read a golden; never executes anything. Raises :class:`GoldenError` on anything malformed."""
+def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-goldens=all") -> dict[str, Any]:
+    """Read a golden; never executes anything. Raises :class:`GoldenError` on anything malformed,
+    saying how to get a good file back (``rerecord`` replaces an unreadable one)."""
+    fix = f"Restore it from version control (git checkout -- {shlex.quote(str(path))}) or replace it with: {rerecord}"
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GoldenError(
-            f"the golden {path} is unreadable ({exc}). Restore it from version control "
-            f"(git checkout -- {path}) or re-record it with: {rerecord}"
-        ) from None
+        raise GoldenError(f"the golden {path} is unreadable ({exc}). {fix}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise GoldenError(
             f"the golden {path} has format {found!r}, expected {FORMAT!r}: it was not written by this "
-            f"version of pytest-rlparity. Re-record it with: {rerecord}"
+            f"version of pytest-rlparity. {fix}"
         )
+    problem = _malformed(document)
+    if problem:
+        raise GoldenError(f"the golden {path} is damaged: {problem}. {fix}")
     for seq in document.get("sequences", []):
         for key, values in seq.items():
             seq[key] = [_decode(v) for v in values]
@@ -195,6 +201,41 @@ def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-golden
     for key in ("curves", "summaries"):
         document[key] = {k: [_decode(x) for x in v] for k, v in document.get(key, {}).items()}
     return document
+
+
+def _malformed(document: dict[str, Any]) -> str | None:
+    """What in a golden's structure is not what :meth:`GoldenStore._write` writes, or ``None``."""
+    def number(value: Any) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or value in ("inf", "-inf", "nan")
+
+    def numbers(where: str, values: Any) -> str | None:
+        if not isinstance(values, list):
+            return f"{where} is a {type(values).__name__}, not a list"
+        bad = next((v for v in values if not number(v)), None)
+        return f"{where} holds {bad!r}, not a number" if bad is not None else None
+
+    for key in ("provenance", "stats", "curves", "summaries"):
+        if not isinstance(document.get(key, {}), dict):
+            return f"{key!r} is a {type(document[key]).__name__}, not an object"
+    if document.get("sampling") is not None and not isinstance(document["sampling"], dict):
+        return f"'sampling' is a {type(document['sampling']).__name__}, not an object"
+    sequences = document.get("sequences", [])
+    if not isinstance(sequences, list):
+        return f"'sequences' is a {type(sequences).__name__}, not a list"
+    for i, seq in enumerate(sequences):
+        if not isinstance(seq, dict):
+            return f"sequence {i} is a {type(seq).__name__}, not an object"
+        for key, values in seq.items():
+            if (found := numbers(f"sequence {i} {key!r}", values)) is not None:
+                return found
+    for name, value in document.get("stats", {}).items():
+        if not number(value):
+            return f"statistic {name!r} is {value!r}, not a number"
+    for key in ("curves", "summaries"):
+        for name, values in document.get(key, {}).items():
+            if (found := numbers(f"{key} {name!r}", values)) is not None:
+                return found
+    return None
 
 
 def identity_differences(golden: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = IDENTITY_KEYS) -> list[str]:
@@ -371,19 +412,6 @@ def sampling_difference(old: dict[str, Any] | None, new: dict[str, Any] | None) 
     return f"recorded with other sampling settings ({changed_items(old or {}, new or {})})"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def dumps(document: dict[str, Any]) -> str:
     """JSON with one line per sequence, so a diff shows which rollout changed."""
     lines = ["{"]
@@ -411,10 +439,6 @@ def _decode(value: Any) -> Any:
     if isinstance(value, str) and value in ("inf", "-inf", "nan"):
         return float(value)
     return value
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.,=+\-\[\]]", "_", name)
 
 
 def record_from(completions: Any, comparison: Comparison, sampling: dict[str, Any] | None) -> GoldenRecord:

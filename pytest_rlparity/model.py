@@ -8,6 +8,7 @@ Any local Hugging Face model directory can replace it; it is fingerprinted the s
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -69,31 +70,39 @@ def cache_root() -> Path:
 def embedded_model(seed: int = DEFAULT_SEED, root: Path | None = None, variant: str = "") -> Path:
     """Return the directory of the tiny model for ``seed`` (and ``variant``), generating it once.
 
-    Generation happens in a temporary sibling directory that is renamed into place, so
-    concurrent pytest-xdist workers never see a half-written model.
+    Generation happens in a temporary sibling directory that is renamed into place, under a
+    lock file: concurrent pytest-xdist workers (or pytest runs) wait for the first to finish
+    and use its copy; nobody replaces a finished model another process may be loading.
     """
     root = root or cache_root()
     if variant not in ("", LARGE_LOGITS):
         raise ValueError(f"unknown embedded model variant {variant!r}; known: {LARGE_LOGITS!r}")
     target = root / (f"tiny-llama-g{GENERATOR_VERSION}-seed{seed}" + (f"-{variant}" if variant else ""))
-    marker = target / ".rlparity-complete"
-    if marker.is_file() and marker.read_text().strip() == fingerprint(target):
+    if _complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
-    try:
-        _generate(staging, seed, variant)
-        (staging / ".rlparity-complete").write_text(fingerprint(staging) + "\n")
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)  # an interrupted or corrupt cache entry
+    with (root / (target.name + ".lock")).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(target):  # another process made it while this one waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
         try:
+            _generate(staging, seed, variant)
+            (staging / ".rlparity-complete").write_text(fingerprint(staging) + "\n")
+            if target.exists():
+                shutil.rmtree(target)  # an interrupted or corrupt entry; only generators (holding the lock) write here
             os.rename(staging, target)
-        except OSError:
-            if not marker.is_file():  # not a concurrent winner: a real error
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _complete(target: Path) -> bool:
+    marker = target / ".rlparity-complete"
+    try:
+        return marker.is_file() and marker.read_text().strip() == fingerprint(target)
+    except (OSError, ValueError):
+        return False
 
 
 def _generate(directory: Path, seed: int, variant: str = "") -> None:
@@ -167,8 +176,7 @@ def fingerprint(model_dir: str | os.PathLike[str]) -> str:
     Reads no code and imports nothing heavy.
     """
     directory = Path(model_dir)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    weights = check_model_dir(directory)
     digest = hashlib.sha256()
     for name in FINGERPRINT_FILES:
         path = directory / name
@@ -177,12 +185,35 @@ def fingerprint(model_dir: str | os.PathLike[str]) -> str:
             if isinstance(data, dict):
                 data.pop("transformers_version", None)
             digest.update(name.encode() + b"\0" + json.dumps(data, sort_keys=True).encode())
-    weights = sorted(directory.glob("*.safetensors"))
-    if not weights:
-        raise FileNotFoundError(f"{directory} has no *.safetensors weights to fingerprint")
     for path in weights:
         _hash_safetensors(path, digest)
     return "sha256:" + digest.hexdigest()[:16]
+
+
+def check_model_dir(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory, after checking what the engines and the trainer
+    need (config.json, readable safetensors headers); a :class:`ValueError` says what is missing."""
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} is not a local Hugging Face model directory (no config.json)")
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        other = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        found = f" (it has {', '.join(other[:3])})" if other else ""
+        raise ValueError(
+            f"{directory} has no *.safetensors weights{found}. pytest-rlparity reads only safetensors (loading "
+            "them runs no code); convert with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(NEW_DIR, safe_serialization=True)"
+        )
+    for path in weights:
+        try:
+            with path.open("rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file ({exc}); re-download or re-save the model") from None
+    return weights
 
 
 def _hash_safetensors(path: Path, digest: hashlib._Hash) -> None:

@@ -52,6 +52,10 @@ class OnPolicyBounds:
     clip_fraction: float | None
     """Share of sequences (GSPO) or tokens clipped at the on-policy point."""
     floor_factors: dict[str, float] = field(default_factory=dict)
+    max_outside_support: float = 0.0
+    """Share of rollout tokens whose behaviour or old logprob is -inf (one side's top-k/top-p cut
+    the token): such tokens have no ratio, so they are counted, bounded, and never dropped silently.
+    NaN logprobs always fail."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ REDUCED = Numerics(
     OnPolicyBounds(
         ratio_mean=0.01, k3_kl=0.015, mean_abs_log_ratio=0.05, clip_fraction=None,
         floor_factors={"ratio_mean": 4.0, "k3_kl": 12.0, "mean_abs_log_ratio": 4.0},
+        max_outside_support=0.03,
     ),
 )
 

@@ -80,10 +80,3 @@ def plot_curves(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def safe_name(text: str, limit: int = 120) -> str:
-    """A file name from a node id or label."""
-    keep = "".join(c if c.isalnum() or c in "-_.=" else "-" for c in text)
-    return "-".join(p for p in keep.split("-") if p)[:limit]
-

@@ -35,6 +35,7 @@ from .session import Outcome, RLParitySession
 
 CAUSE_KEY = "rlparity_cause"
 HEADLINE_KEY = "rlparity_headline"
+STARTS_KEY = "rlparity_engine_starts"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -88,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{layer}: parity layer '{layer}': {LAYER_DOC[layer]} (needs --rlparity)")
     options = rlconfig.resolve(config)
     if options.enabled:
-        session = RLParitySession(options)
+        session = RLParitySession(options, worker=hasattr(config, "workerinput"))
         config.stash[SESSION_KEY] = session
         config.pluginmanager.register(OutcomeRecorder(session), "rlparity-outcomes")
         _interrupt_on_sigterm()
@@ -129,8 +130,15 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Attach the likely cause of a parity failure to the report (it survives pytest-xdist)."""
+    """Attach the likely cause of a parity failure, and the engines started for the test, to the report
+    (user properties survive pytest-xdist)."""
     report = yield
+    parity = get_session(item.config)
+    if parity is not None:
+        workerinput = getattr(item.config, "workerinput", {})
+        starts = parity.new_engine_starts(workerinput.get("workerid"))
+        if starts:
+            report.user_properties.append((STARTS_KEY, starts))
     if call.excinfo is not None and report.failed:
         exc = call.excinfo.value
         if isinstance(exc, ParityError):
@@ -155,6 +163,9 @@ class OutcomeRecorder:
         self.session = session
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for key, value in report.user_properties:
+            if key == STARTS_KEY:
+                self.session.engine_starts += value
         if not (report.when == "call" or (report.when == "setup" and not report.passed)):
             return
         layer = next((m for m in LAYERS if m in report.keywords), None)

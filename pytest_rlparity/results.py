@@ -146,7 +146,7 @@ def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ..
             failed_below.append(layer)
     return {
         "format": REPORT_FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "run": jsonable(run),
         "layers": layer_rows,
         "tests": tests,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
 from . import results
 from .config import Options
+from .files import safe_name, write_atomic
 from .golden import GoldenStore
 from .layers import LAYER_DOC, LAYERS
 from .numerics import Numerics, numerics_for
@@ -62,11 +63,15 @@ class Outcome:
 class RLParitySession:
     """State shared by every parity test of a pytest run."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, *, worker: bool = False) -> None:
         self.options = options
+        self.worker = worker
+        """Whether this is a pytest-xdist worker: it sees only its own tests; the controller sees all."""
         self.engine_kwargs = {**engine_defaults(options.engine), **options.engine_kwargs}
         self.outcomes: list[Outcome] = []
-        self.golden_notes: list[str] = []
+        self.engine_starts: list[dict[str, Any]] = []
+        """Every engine start of the run, as test reports carry them (from every xdist worker)."""
+        self._starts_taken = 0
         self.report_written: Path | None = None
         self.goldens = GoldenStore(
             options.golden_dir,
@@ -226,7 +231,7 @@ class RLParitySession:
             "torch": _version("torch"),
             "plugin_version": _version("pytest-rlparity"),
             "python": platform.python_version(),
-            "engine_starts_s": [round(s.seconds, 1) for s in self.pool.starts] if "pool" in self.__dict__ else [],
+            "engine_starts_s": [s["seconds"] for s in self.engine_starts],
         }
 
     @contextlib.contextmanager
@@ -236,9 +241,9 @@ class RLParitySession:
 
         def sink(entry: dict[str, Any], comparison: Comparison | None) -> None:
             if comparison is not None and entry.get("verdict") == "fail":
-                from .plots import plot_comparison, safe_name
+                from .plots import plot_comparison
 
-                name = f"{safe_name(nodeid)}-{len(entries)}.png"
+                name = f"{safe_name(nodeid, limit=120)}-{len(entries)}.png"
                 title = f"{nodeid.rsplit('::', 1)[-1]}: {entry.get('label', '')}"
                 entry["plot"] = plot_comparison(comparison, title, str(self.artifact_path(name)))
             entries.append(entry)
@@ -250,8 +255,6 @@ class RLParitySession:
         """The JSON report of the run (``rlparity_report``), written atomically."""
         if self.options.report is None or not self.outcomes:
             return None
-        from .golden import write_atomic
-
         report = results.build_report(self.run_info(), self.outcomes, LAYERS)
         write_atomic(self.options.report, results.dump_report(report))
         self.report_written = self.options.report
@@ -299,16 +302,16 @@ class RLParitySession:
                 if test["advice"] and not below:
                     lines.append(f"        try: {test['advice']}")
                 lines += [f"        plot: {c['plot']}" for c in test["checks"] if c.get("plot")]
-        if "pool" in self.__dict__ and self.pool.starts:
-            secs = ", ".join(f"{s.seconds:.1f}s" for s in self.pool.starts)
-            lines.append(f"engine starts: {len(self.pool.starts)} ({secs})")
+        if self.engine_starts:
+            secs = ", ".join(f"{s['seconds']:.1f}s" for s in self.engine_starts)
+            workers = {s.get("worker") for s in self.engine_starts} - {None}
+            lines.append(f"engine starts: {len(self.engine_starts)} ({secs})" + (f" on {len(workers)} workers" if len(workers) > 1 else ""))
         lines += self.floor_summary()
-        lines += self.golden_notes
-        if self.goldens.allowed:
-            lines.append(
-                f"goldens: {len(self.goldens.allowed)} matched with allowed differences "
-                f"(details in the report), e.g. {self.goldens.allowed[0]}"
-            )
+        goldens = [c for o in self.outcomes for c in o.checks if c.get("kind") == "golden"]
+        lines += [c["note"] for c in goldens if c.get("note")]
+        allowed = [c["allowed"] for c in goldens if c.get("allowed")]
+        if allowed:
+            lines.append(f"goldens: {len(allowed)} matched with allowed differences (details in the report), e.g. {allowed[0]}")
         plots = [c["plot"] for o in self.outcomes for c in o.checks if c.get("plot")]
         if plots:
             lines.append(f"plots: {len(plots)} PNG(s) in {self.options.artifacts_dir}")
@@ -327,8 +330,21 @@ class RLParitySession:
             worst.append(f"{stat} {check['floor_ratios'].get(stat, 0.0):.2f}x (bound {check['floor_factors'].get(stat, 0):g}x, {name})")
         return [f"precision floor: {len(scaled)} comparisons scaled to the model's own reduced-precision noise; worst " + "; ".join(worst)]
 
+    def new_engine_starts(self, worker: str | None = None) -> list[dict[str, Any]]:
+        """Engine starts since the last call, as plain data for a test report to carry to the controller."""
+        if "pool" not in self.__dict__:
+            return []
+        fresh = self.pool.starts[self._starts_taken :]
+        self._starts_taken = len(self.pool.starts)
+        return [{"seconds": round(s.seconds, 1), "kwargs": results.jsonable(s.kwargs), "worker": worker} for s in fresh]
+
     def failures_below(self, layer: str) -> list[str]:
-        """Failed tests of the layers under ``layer`` so far: what an objective failure is probably downstream of."""
+        """Failed tests of the layers under ``layer`` so far: what an objective failure is probably downstream of.
+
+        A pytest-xdist worker knows only its own tests, so it names none (the controller's summary
+        marks downstream failures from every worker's results)."""
+        if self.worker:
+            return []
         below = LAYERS[: LAYERS.index(layer)] if layer in LAYERS else LAYERS
         return [o.nodeid.rsplit("::", 1)[-1] for o in self.outcomes if o.layer in below and o.outcome == "failed"]
 

@@ -172,23 +172,70 @@ def build(dest: Path, *, python: str, torch: str, have: set[str], part_mib: int 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _, skipped = collect(version, python, have, work)
-        _pip(["wheel", "--no-deps", "--quiet", "-w", str(work), str(Path(__file__).resolve().parents[1])])
+        own_wheel(work)
         archives = []
         for wheel in sorted(work.glob("*.whl")):
             if wheel.stat().st_size <= part_mib << 20 and not (slim and wheel.name.startswith("vllm-")):
                 shutil.copy2(wheel, dest / wheel.name)
                 continue
             archives.append(pack(wheel, dest, part_mib=part_mib, drop=SLIM if slim else ()))
+    wheels = sorted(p.name for p in dest.glob("*.whl"))
     manifest = {
         "python": python,
         "torch": torch,
         "vllm": version,
-        "wheels": sorted(p.name for p in dest.glob("*.whl")),
+        "wheels": wheels,
+        "sha256": {name: _sha256(dest / name) for name in wheels},
         "archives": archives,
         "skipped_on_runner_or_excluded": skipped,
     }
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def own_wheel(out: Path) -> Path:
+    """A wheel of this plugin in ``out``: built from its source tree when run from one, else packed
+    from the installed distribution's own files (in a normal install the package sits in
+    site-packages, whose parent is no project)."""
+    source = Path(__file__).resolve().parents[1]
+    if (source / "pyproject.toml").is_file() and 'name = "pytest-rlparity"' in (source / "pyproject.toml").read_text():
+        _pip(["wheel", "--no-deps", "--quiet", "-w", str(out), str(source)])
+        return max(out.glob("pytest_rlparity-*.whl"), key=lambda p: p.stat().st_mtime)
+    import base64
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("pytest-rlparity")
+    info = next(str(f).split("/")[0] for f in dist.files or () if str(f).endswith(".dist-info/METADATA"))
+    skip = {f"{info}/{name}" for name in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")}
+    wheel = out / f"pytest_rlparity-{dist.version}-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in dist.files or ():
+            name = str(f)
+            if name in skip or name.startswith("..") or "__pycache__" in name or not name.startswith(("pytest_rlparity/", info)):
+                continue
+            data = Path(f.locate()).read_bytes()
+            zf.writestr(name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        zf.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _plain_name(name: Any, source: Path) -> str:
+    """A manifest's file name, refused unless it names a file directly inside the wheelhouse."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise SystemExit(f"{source / 'manifest.json'}: {name!r} is not a plain file name; refusing a manifest that points outside {source}")
+    return name
 
 
 def pack(wheel: Path, dest: Path, *, part_mib: int, drop: Iterable[str] = ()) -> dict[str, Any]:
@@ -217,19 +264,21 @@ def pack(wheel: Path, dest: Path, *, part_mib: int, drop: Iterable[str] = ()) ->
 
 def unpack(entry: dict[str, Any], source: Path, out: Path) -> Path:
     """Reassemble one archive's parts into a wheel under ``out``, after checking its hash."""
-    missing = [p for p in entry["parts"] if not (source / p).is_file()]
+    parts = [_plain_name(p, source) for p in entry["parts"]]
+    name = _plain_name(entry["wheel"], source)
+    missing = [p for p in parts if not (source / p).is_file()]
     if missing:
         raise SystemExit(f"{entry['wheel']}: parts missing from {source}: {missing}")
-    joined = out / (entry["wheel"] + ".tar.xz")
+    joined = out / (name + ".tar.xz")
     digest = hashlib.sha256()
     with joined.open("wb") as f:
-        for part in entry["parts"]:
+        for part in parts:
             data = (source / part).read_bytes()
             digest.update(data)
             f.write(data)
     if digest.hexdigest() != entry["sha256"]:
         raise SystemExit(f"{entry['wheel']}: the parts do not add up (sha256 mismatch); copy them again")
-    wheel = out / entry["wheel"]
+    wheel = out / name
     with lzma.open(joined) as xz, tarfile.open(fileobj=xz, mode="r") as tar, zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as zf:
         for member in tar:
             handle = tar.extractfile(member)
@@ -242,8 +291,16 @@ def unpack(entry: dict[str, Any], source: Path, out: Path) -> Path:
 
 
 def install(source: Path, *, target: Path | None = None) -> list[str]:
-    """Install every wheel of the wheelhouse with ``pip --no-index --no-deps``; returns their names."""
+    """Install every wheel of the wheelhouse with ``pip --no-index --no-deps``, each checked against
+    the sha256 the manifest records for it first; returns their names."""
     manifest = json.loads((source / "manifest.json").read_text())
+    hashes = manifest.get("sha256", {})
+    for name in manifest["wheels"]:
+        path = source / _plain_name(name, source)
+        if name not in hashes:
+            raise SystemExit(f"{name}: the manifest records no sha256 for it; rebuild the wheelhouse")
+        if not path.is_file() or _sha256(path) != hashes[name]:
+            raise SystemExit(f"{name}: missing or not the file the wheelhouse was built with (sha256 mismatch); copy it again")
     with tempfile.TemporaryDirectory() as tmp:
         rebuilt = [unpack(entry, source, Path(tmp)) for entry in manifest["archives"]]
         wheels = [source / w for w in manifest["wheels"]] + rebuilt

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 # pytester's in-process runs drop modules first imported inside them, and parts of torch
 # cannot be imported twice: import what loading the trainer pulls in, once, up front.
 import torch  # noqa: F401

@@ -60,6 +60,14 @@ def test_length_mismatch_is_an_error_not_a_pass():
         compare_logprobs([[-1.0, -2.0]], [[-1.0]])
 
 
+@pytest.mark.parametrize(("engine", "trainer"), [([], []), ([[], []], [[], []])])
+def test_a_comparison_of_no_token_fails_because_it_checked_nothing(engine, trainer):
+    c = compare_logprobs(engine, trainer)
+    assert c.empty and not c.ok and "checks nothing" in c.violations[0]
+    with pytest.raises(ParityError, match="no token to compare"):
+        assert_logprobs_close(engine, trainer)
+
+
 def test_decoded_tokens_appear_in_the_table():
     trainer = [[x - 1 for x in seq] for seq in ENGINE]
     with pytest.raises(ParityError, match=r"'tok5'#5"):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import stat
 from pathlib import Path
 
 import pytest
 
 from pytest_rlparity.errors import GoldenError
+from pytest_rlparity.files import safe_name
 from pytest_rlparity.golden import FORMAT, GoldenRecord, GoldenStore, compare_records, dumps, load
 from pytest_rlparity.numerics import numerics_for
 
@@ -129,8 +132,53 @@ def test_corrupt_golden_gives_restore_instructions_and_is_kept(tmp_path, path, c
     path.write_text(content)
     with pytest.raises(GoldenError, match=match) as info:
         check(GoldenStore(tmp_path, "off", HINT), path, record())
-    assert "git checkout" in str(info.value) or "Re-record" in str(info.value)
+    assert "git checkout -- " in str(info.value) and "'suite::test_x[case]' --rlparity-update-goldens=all" in str(info.value)
     assert path.read_text() == content
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda d: d["sequences"].__setitem__(0, [1, 2]), "sequence 0 is a list, not an object"),
+        (lambda d: d.__setitem__("stats", [1.0]), "'stats' is a list, not an object"),
+        (lambda d: d["sequences"][0]["logprobs"].__setitem__(0, "-1.5"), r"sequence 0 'logprobs' holds '-1.5', not a number"),
+        (lambda d: d["stats"].__setitem__("mean_abs", None), "statistic 'mean_abs' is None, not a number"),
+        (lambda d: d.__setitem__("curves", {"ratio_mean": 1.0}), "curves 'ratio_mean' is a float, not a list"),
+    ],
+)
+def test_malformed_structure_is_a_golden_error_that_names_the_file_and_the_fix(tmp_path, path, damage, match):
+    check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    document = json.loads(path.read_text())
+    damage(document)
+    path.write_text(json.dumps(document))
+    with pytest.raises(GoldenError, match=match) as info:
+        check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    assert str(path) in str(info.value) and "git checkout -- " in str(info.value)
+    assert "--rlparity-update-goldens=all" in str(info.value)  # the one mode that can replace it
+    assert json.loads(path.read_text()) == document  # kept as it was
+
+
+def test_update_all_replaces_an_unreadable_golden_on_purpose(tmp_path, path):
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert "rewritten" in check(GoldenStore(tmp_path, "all", HINT), path, record())
+    assert load(path)["sequences"][0]["logprobs"] == [-1.5, -0.25]
+
+
+def test_goldens_get_the_umask_mode_and_no_temporary_file_is_left(tmp_path, path):
+    old = os.umask(0o022)
+    try:
+        check(GoldenStore(tmp_path, "mismatch", HINT), path, record())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_long_names_are_cut_with_a_hash_so_they_never_collide():
+    a, b = "t::test_x[" + "a" * 200 + "1]", "t::test_x[" + "a" * 200 + "2]"
+    assert len(safe_name(a, limit=120)) == 120 and safe_name(a, limit=120) != safe_name(b, limit=120)
+    assert safe_name("suite::test_x[top_k]") == "suite__test_x[top_k]"
 
 
 def test_force_rewrites_everything(tmp_path, path):

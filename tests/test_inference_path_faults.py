@@ -66,20 +66,32 @@ class TestOnReferenceEngine:
 
 
 class ScriptedPause:
-    """The reference engine with a pause by hand: each request samples ``after_tokens``
-    tokens, the update runs, and the requests are reported as ended there."""
+    """The reference engine with a pause by hand: each request samples ``after_tokens`` tokens and
+    the update runs; then the requests are reported as ended there, or with ``resume`` they go on
+    sampling with the new weights (whatever pause mode was asked for)."""
 
-    def __init__(self, inner, finish_reason="abort", labels=None):
+    def __init__(self, inner, finish_reason="abort", labels=None, resume=False):
         self.inner = inner
         self.info = inner.info
         self.finish_reason = finish_reason
         self.labels = labels
+        self.resume = resume
 
     def generate_across_update(self, prompts, settings, update, *, mode, clear_cache, after_tokens=4, labels=None):
         cut = self.inner.generate(prompts, dataclasses.replace(settings, max_tokens=after_tokens))
         update()
-        spans = [(label, 0, after_tokens) for label in (self.labels or labels)[:1]]
-        return [dataclasses.replace(c, finish_reason=self.finish_reason, tokens_before_update=after_tokens, weight_versions=spans) for c in cut]
+        first, second = self.labels or labels  # labels=("v1", "v1"): the first tokens mislabelled
+        if not self.resume:
+            return [dataclasses.replace(c, finish_reason=self.finish_reason, tokens_before_update=after_tokens,
+                                        weight_versions=[(first, 0, after_tokens)]) for c in cut]
+        rest = dataclasses.replace(settings, max_tokens=settings.max_tokens - after_tokens)
+        done = []
+        for c, more in zip(cut, self.inner.generate([c.prompt_ids + c.token_ids for c in cut], rest)):
+            done.append(dataclasses.replace(
+                c, token_ids=c.token_ids + more.token_ids, logprobs=c.logprobs + more.logprobs, finish_reason=more.finish_reason,
+                tokens_before_update=after_tokens, weight_versions=[(first, 0, after_tokens), (second, after_tokens, settings.max_tokens)],
+            ))
+        return done
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -88,13 +100,25 @@ class ScriptedPause:
 class TestPauseContract:
     """What a pause mode promises the trainer, checked on the reference engine with a scripted pause."""
 
-    def run(self, engine, policy, prompts, tmp_path):
+    def run(self, engine, policy, prompts, tmp_path, mode="abort"):
         history = [policy.state()]
         settings = SamplingSettings(temperature=0.8, max_tokens=12, ignore_eos=True)
         return check_update_in_flight(
             engine, policy, history, lambda: engine.update_weights(step(policy, prompts, tmp_path, [])),
-            prompts, settings, Tolerance(), mode="abort", clear_cache=True,
+            prompts, settings, Tolerance(), mode=mode, clear_cache=True,
         )
+
+    def test_requests_that_go_on_with_the_new_weights_keep_the_keep_contract(self, tiny_model, policy, prompts, tmp_path):
+        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {}), resume=True), policy, prompts, tmp_path, mode="keep")
+        assert report.ok, report.message()
+
+    def test_a_keep_pause_that_ended_every_request_is_named(self, tiny_model, policy, prompts, tmp_path):
+        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {}), finish_reason="length"), policy, prompts, tmp_path, mode="keep")
+        assert causes(report) == ["pause mode keep"], report.message()
+
+    def test_a_wait_pause_whose_requests_sampled_after_the_update_is_named(self, tiny_model, policy, prompts, tmp_path):
+        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {}), resume=True), policy, prompts, tmp_path, mode="wait")
+        assert causes(report) == ["pause mode wait"], report.message()
 
     def test_aborted_requests_reported_as_aborted_pass(self, tiny_model, policy, prompts, tmp_path):
         report = self.run(ScriptedPause(HFEngine(str(tiny_model), {})), policy, prompts, tmp_path)
@@ -105,7 +129,7 @@ class TestPauseContract:
         assert causes(report) == ["pause mode abort"], report.message()
 
     def test_tokens_labelled_with_the_wrong_weight_version_are_named(self, tiny_model, policy, prompts, tmp_path):
-        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {}), labels=["v1"]), policy, prompts, tmp_path)
+        report = self.run(ScriptedPause(HFEngine(str(tiny_model), {}), labels=("v1", "v1")), policy, prompts, tmp_path)
         assert causes(report) == ["weight version labels"], report.message()
 
 

@@ -75,6 +75,16 @@ def test_objective_failure_points_at_the_failing_lower_layer():
     assert "probably downstream of the failing test_sampled_logprobs_match_trainer[temperature] check(s)" in str(info.value)
 
 
+def test_tokens_without_a_ratio_are_counted_and_fail_instead_of_vanishing():
+    """A NaN or -inf logprob has no policy ratio: the loop leaves it out of the metrics and the check names it."""
+    all_nan = metrics(0, ratio_mean=float("nan"), tokens=64, not_a_number=64)
+    with pytest.raises(ParityError, match=r"step 0: 64 of 64 token\(s\) have a NaN behaviour or old logprob"):
+        check_on_policy([all_nan], STRICT)
+    with pytest.raises(ParityError, match=r"step 0: 1 of 64 token\(s\) have a -inf"):
+        check_on_policy([metrics(0, tokens=64, outside_support=1)], STRICT)
+    check_on_policy([metrics(0, tokens=64, outside_support=1)], numerics_for("bfloat16").on_policy)  # 1.6 % < 3 %
+
+
 def test_a_loop_that_does_not_learn_fails():
     flat = [metrics(i, reward=0.2) for i in range(6)]
     with pytest.raises(ParityError, match="did not learn"):

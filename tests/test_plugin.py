@@ -112,6 +112,25 @@ def test_bad_options_are_usage_errors(pytester, args, message):
     result.stderr.fnmatch_lines([f"*{message}*"])
 
 
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"pytorch_model.bin": b"\x80\x02"}, "has no *.safetensors weights (it has pytorch_model.bin)*safe_serialization=True*"),
+        ({"model.safetensors": b"\x05"}, "model.safetensors is not a readable safetensors file*re-download or re-save*"),
+    ],
+)
+def test_a_model_directory_the_engines_cannot_load_is_a_usage_error_not_an_internal_error(pytester, files, message):
+    model = pytester.mkdir("model")
+    (model / "config.json").write_text("{}")
+    for name, data in files.items():
+        (model / name).write_bytes(data)
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest("--rlparity", f"--rlparity-model={model}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--rlparity-model: {model}*{message}"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
 def test_kwarg_values_parse_as_json_when_they_parse():
     from pytest_rlparity.config import parse_kwarg
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pytest_rlparity.results import ADVICE, advice_for, build_report
 from pytest_rlparity.layers import LAYERS
+from pytest_rlparity.results import ADVICE, advice_for, build_report
 from pytest_rlparity.session import Outcome
 
 FAILING_RUN = """

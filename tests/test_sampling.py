@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,3 +128,16 @@ def test_make_model_never_writes_into_an_existing_directory(tmp_path):
     with pytest.raises(FileExistsError, match="exists; choose a new directory"):
         make_model(tmp_path / "model", SHAPES["tiny-qwen2"])
     assert SHAPES["llama-1b"].hidden == 2048 and SHAPES["llama-1b"].tied and SHAPES["qwen2-0.5b"].kv_heads == 2
+
+
+def test_concurrent_processes_generate_the_embedded_model_once_and_never_replace_it(tmp_path):
+    """pytest-xdist workers all ask for the model at start: one generates it, the others wait and load that copy."""
+    code = (
+        "import os, sys, pathlib; from pytest_rlparity.model import embedded_model; "
+        "p = embedded_model(seed=11, root=pathlib.Path(sys.argv[1])); print(p, os.stat(p).st_ino, os.stat(p / 'model.safetensors').st_ino)"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(outputs) == 1, outputs  # the same directory, never swapped for another copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama-g1-seed11", "tiny-llama-g1-seed11.lock"]

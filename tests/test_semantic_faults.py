@@ -65,6 +65,12 @@ def test_missing_sampled_token_is_caught(hf_engine, trainer, prompts):
     assert "sampled token present" in causes(report)
 
 
+def test_a_logprob_list_shorter_than_its_tokens_is_named_not_an_exception(hf_engine, trainer, prompts):
+    report = run_check(FaultyEngine(hf_engine, drop_last_logprob=True), trainer, prompts)
+    assert causes(report) == ["token/logprob count"], report.message()
+    assert report.comparison.ok  # the positions both sides have still agree
+
+
 def test_logits_instead_of_logprobs_are_named(hf_engine, trainer, prompts):
     report = run_check(FaultyEngine(hf_engine, logprob_offset=20.0), trainer, prompts)
     assert causes(report) == ["logprobs_mode"] and "logits" in report.findings[0].message

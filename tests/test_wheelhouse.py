@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from pytest_rlparity import wheelhouse
+from tests.conftest import REPO
 
 
 def make_wheel(path, files, requires=()):
@@ -76,9 +80,51 @@ def test_runner_packages_and_exclusions_are_not_downloaded(tmp_path):
     assert wheelhouse.excluded("mistral_common") and not wheelhouse.excluded("xgrammar")
 
 
-def test_install_reads_the_manifest(tmp_path, monkeypatch):
-    (tmp_path / "manifest.json").write_text(json.dumps({"wheels": ["a-1.0-py3-none-any.whl"], "archives": []}))
+def house(tmp_path, manifest=None):
+    wheel = make_wheel(tmp_path / "a-1.0-py3-none-any.whl", {"a.py": b"A = 1\n"})
+    document = {"wheels": [wheel.name], "sha256": {wheel.name: wheelhouse._sha256(wheel)}, "archives": [], **(manifest or {})}
+    (tmp_path / "manifest.json").write_text(json.dumps(document))
+    return wheel
+
+
+def test_install_checks_every_wheel_then_reads_the_manifest(tmp_path, monkeypatch):
+    wheel = house(tmp_path)
     calls = []
     monkeypatch.setattr(wheelhouse, "_pip", calls.append)
-    assert wheelhouse.install(tmp_path, target=tmp_path / "site") == ["a-1.0-py3-none-any.whl"]
+    assert wheelhouse.install(tmp_path, target=tmp_path / "site") == [wheel.name]
     assert calls[0][:3] == ["install", "--no-index", "--no-deps"] and "--target" in calls[0]
+    make_wheel(wheel, {"a.py": b"A = 2\n"})  # another file under the same name
+    with pytest.raises(SystemExit, match="sha256 mismatch"):
+        wheelhouse.install(tmp_path)
+    house(tmp_path, {"sha256": {}})
+    with pytest.raises(SystemExit, match="records no sha256"):
+        wheelhouse.install(tmp_path)
+    assert len(calls) == 1  # pip never ran on an unchecked file
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.whl", "sub/../../x.whl", "..", ""])
+def test_names_that_point_outside_the_wheelhouse_are_refused(tmp_path, name):
+    house(tmp_path, {"wheels": [name]})
+    with pytest.raises(SystemExit, match="not a plain file name"):
+        wheelhouse.install(tmp_path)
+    house(tmp_path, {"archives": [{"wheel": "v-1.whl", "parts": [name], "sha256": "0"}]})
+    with pytest.raises(SystemExit, match="not a plain file name"):
+        wheelhouse.install(tmp_path)
+
+
+def test_the_plugins_own_wheel_builds_from_an_installed_package(tmp_path):
+    """In a normal install the package lies in site-packages: the wheel is packed from the installed files."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", str(site), str(REPO)], check=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = "import sys, pathlib; from pytest_rlparity import wheelhouse; print(wheelhouse.own_wheel(pathlib.Path(sys.argv[1])))"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    built = Path(subprocess.run([sys.executable, "-c", code, str(out)], env=env, cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip())
+    with zipfile.ZipFile(built) as zf:
+        names = zf.namelist()
+    assert "pytest_rlparity/plugin.py" in names and any(n.endswith(".dist-info/entry_points.txt") for n in names)
+    assert not any(n.endswith(("direct_url.json", "INSTALLER")) or "__pycache__" in n for n in names)
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(again), str(built)], check=True)
+    assert (again / "pytest_rlparity" / "wheelhouse.py").read_bytes() == (REPO / "pytest_rlparity" / "wheelhouse.py").read_bytes()

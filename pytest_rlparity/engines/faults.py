@@ -34,16 +34,55 @@ class FaultyEngine:
     """Add a constant to every logprob (a forgotten temperature or normaliser)."""
     retokenize_text: bool = False
     """Report text that does not decode from the token ids (text re-tokenized or post-processed)."""
+    drop_last_logprob: bool = False
+    """One logprob fewer than tokens (the final token's logprob lost when a stream is cut)."""
+    batch_drift: float = 0.0
+    """Shift every logprob by this much per other request in the batch (batch-variant kernels)."""
+    unseeded: bool = False
+    """Ignore the request seeds (a generator shared across requests): one seed, other rollouts."""
+    cache_drift: float | None = None
+    """Serve repeated prompts as prefix-cache hits (``cached_tokens``), their logprobs shifted by this
+    much (a cached path that computes other numbers); ``None``: no cache."""
+    chunk: int | None = None
+    """Report chunked prefill with this token budget (:meth:`prefill_chunk`)."""
+    chunk_drift: float = 0.0
+    """Shift scores past the first ``chunk`` positions (a chunk boundary that loses state)."""
+    _seen: set[tuple[int, ...]] = dataclasses.field(default_factory=set, repr=False)
 
     @property
     def info(self):
         return self.inner.info
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
-        return [self._corrupt(c) for c in self.inner.generate(prompts, settings)]
+        if self.unseeded:
+            settings = dataclasses.replace(settings, seed=None)
+        drift = self.batch_drift * (len(prompts) - 1)
+        completions = []
+        for c in self.inner.generate(prompts, settings):
+            c = self._corrupt(c)
+            shift = drift
+            if self.cache_drift is not None and tuple(c.prompt_ids) in self._seen:
+                c = dataclasses.replace(c, cached_tokens=len(c.prompt_ids) - 1)
+                shift += self.cache_drift
+            if self.cache_drift is not None:
+                self._seen.add(tuple(c.prompt_ids))
+            completions.append(dataclasses.replace(c, logprobs=[lp + shift for lp in c.logprobs]) if shift else c)
+        return completions
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        return self.inner.score(sequences)
+        drift = self.batch_drift * (len(sequences) - 1)
+        cut = self.chunk or 0
+        return [
+            [lp + drift + (self.chunk_drift if pos + 1 >= cut else 0.0) for pos, lp in enumerate(scores)]
+            for scores in self.inner.score(sequences)
+        ]
+
+    def prefill_chunk(self) -> int | None:
+        return self.chunk
+
+    def reset_prefix_cache(self) -> None:
+        self._seen.clear()
+        self.inner.reset_prefix_cache()  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """The wrapped engine belongs to its owner; closing the wrapper leaves it running."""
@@ -57,5 +96,7 @@ class FaultyEngine:
         if self.drop_sampled_from_top and top is not None:
             for tok, step in zip(c.token_ids, top):
                 step.pop(tok, None)
+        if self.drop_last_logprob:
+            logprobs = logprobs[:-1]
         text = c.text + " [edited]" if self.retokenize_text else c.text
         return dataclasses.replace(c, logprobs=logprobs, top_logprobs=top, text=text)

@@ -118,6 +118,11 @@ class EngineHandle:
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 
+    def prefill_chunk(self) -> int | None:
+        """The engine's chunked-prefill token budget, ``None`` if it does not chunk (or cannot say)."""
+        engine = self.engine
+        return engine.prefill_chunk() if hasattr(engine, "prefill_chunk") else None
+
     def generate_across_update(self, prompts: Any, settings: Any, update: Any, **kwargs: Any) -> Any:
         engine = self.engine
         if not hasattr(engine, "generate_across_update"):

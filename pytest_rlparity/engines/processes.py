@@ -9,8 +9,13 @@ registry kills whatever is still alive at interpreter exit (Ctrl-C included).
 from __future__ import annotations
 
 import atexit
+import collections
+import os
+import re
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +78,78 @@ class ProcessGroup:
                 pass
         psutil.wait_procs(stubborn, timeout=grace)
         _LIVE.discard(self)
+
+
+ERROR_LINE = re.compile(
+    r"^(?:\(\S+ pid=\d+\)\s*)?(?:[A-Z]+ \d\d-\d\d [\d:.]+ \[[^\]]*\]\s*)?"
+    r"((?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception)\b(?::.*)?)$"
+)
+"""The last line of a Python traceback (``RuntimeError: ...``), after vLLM's process and log prefixes
+(``(EngineCore pid=N) ERROR 11-23 03:20:38 [core.py:1512]``)."""
+
+
+class EngineOutput:
+    """What an engine's processes print (vLLM logs to stdout, tracebacks go to stderr): passed
+    through unchanged, the last lines kept, so that when the engine dies its own last error can
+    be named (``RuntimeError: CPU Generator does not use offset``).
+
+    Processes born inside :meth:`attached` get pipes to reader threads as their stdout and stderr.
+    """
+
+    def __init__(self, keep: int = 400) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._last_read = time.monotonic()
+        self._open = 0
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """Give stdout and stderr to pipes while the block starts the engine's processes."""
+        saved = {}
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            read, write = os.pipe()
+            self._open += 1
+            threading.Thread(target=self._pump, args=(read, os.dup(fd)), name=f"rlparity-engine-fd{fd}", daemon=True).start()
+            stream.flush()
+            saved[fd] = os.dup(fd)
+            os.dup2(write, fd)
+            os.close(write)
+        try:
+            yield
+        finally:
+            for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+                stream.flush()
+                os.dup2(saved[fd], fd)
+                os.close(saved[fd])
+
+    def _pump(self, read: int, out: int) -> None:
+        partial = b""
+        try:
+            while data := os.read(read, 65536):
+                self._last_read = time.monotonic()
+                try:
+                    os.write(out, data)
+                except OSError:
+                    pass
+                *complete, partial = (partial + data).split(b"\n")
+                self.lines.extend(line.decode(errors="replace").rstrip() for line in complete)
+        finally:
+            if partial:
+                self.lines.append(partial.decode(errors="replace").rstrip())
+            os.close(read)
+            os.close(out)
+            self._open -= 1
+
+    def root_cause(self, settle: float = 0.3, limit: float = 2.0) -> str:
+        """The engine's last error line once its output has gone quiet, or ``""``. Errors that point
+        "above" (vLLM's wrappers: "see root cause above") give way to the one they point at."""
+        deadline = time.monotonic() + limit
+        while self._open and time.monotonic() < deadline and time.monotonic() - self._last_read < settle:
+            time.sleep(0.05)
+        for line in reversed(self.lines):
+            match = ERROR_LINE.match(line.strip())
+            if match and "EngineDeadError" not in match.group(1) and " above" not in match.group(1):
+                return match.group(1)
+        return ""
 
 
 class EngineDied(BaseException):

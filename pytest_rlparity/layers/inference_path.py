@@ -236,8 +236,9 @@ def _judge_in_flight(
         return report
 
     def fits(engine_part: Sequence[Sequence[float]], trainer_part: Sequence[Sequence[float]]) -> bool:
-        """Whether a hypothesis fits, judged with the bounds of the comparison above."""
-        return compare_logprobs(engine_part, trainer_part, comparison.tolerance).ok
+        """Whether a hypothesis fits, judged with the bounds of the comparison above (no token: nothing contradicts it)."""
+        part = compare_logprobs(engine_part, trainer_part, comparison.tolerance)
+        return part.ok or part.empty
 
     sampled_after = [lp[k:] for lp, k in zip(engine_lps, split)]
     if not fits([lp[:k] for lp, k in zip(engine_lps, split)], [b[:k] for b, k in zip(before, split)]):

@@ -30,6 +30,7 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
     excess = [{name: _excess(m, name) for name in names} for m in history]
     problems = []
     for m, step_excess in zip(history, excess):
+        problems += _left_out(m, bounds)
         for name in names:
             bound = step_bound(bounds, m, name)
             if bound is None or step_excess[name] <= bound:
@@ -60,6 +61,19 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
         cause=cause,
         headline=f"{first}; {blame}",
     )
+
+
+def _left_out(m: StepMetrics, bounds: OnPolicyBounds) -> list[str]:
+    """Tokens without a ratio: any NaN, or more -inf logprobs than the bounds allow."""
+    found = []
+    if m.not_a_number:
+        found.append(f"step {m.step}: {m.not_a_number} of {m.tokens} token(s) have a NaN behaviour or old logprob")
+    if m.outside_support > bounds.max_outside_support * m.tokens:
+        found.append(
+            f"step {m.step}: {m.outside_support} of {m.tokens} token(s) have a -inf behaviour or old logprob (outside "
+            f"one side's support; > {bounds.max_outside_support:.0%} allowed)"
+        )
+    return found
 
 
 def _excess(m: StepMetrics, name: str) -> float:
@@ -113,8 +127,9 @@ def curve_summaries(history: Sequence[StepMetrics], last: int = 3) -> dict[str, 
 
 
 def curves(history: Sequence[StepMetrics]) -> dict[str, list[float]]:
+    """Each metric per step, for goldens and plots (token counts are checked, not plotted)."""
     names = list(history[0].as_dict()) if history else []
-    return {n: [m.as_dict()[n] for m in history] for n in names if n != "step"}
+    return {n: [m.as_dict()[n] for m in history] for n in names if n not in ("step", "tokens", "not_a_number", "outside_support")}
 
 
 def curve_table(history: Sequence[StepMetrics]) -> str:

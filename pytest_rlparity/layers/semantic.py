@@ -80,10 +80,18 @@ def check_completions(
 
     def text_of(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
-    engine = [c.logprobs for c in completions]
-    token_ids = [c.token_ids for c in completions]
+
+    # A completion with more or fewer logprobs than tokens is a finding (_reported_tokens); its
+    # logprobs are compared on the positions both sides have.
+    scored = [min(len(c.logprobs), len(c.token_ids)) for c in completions]
+
+    def cut(values: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+        return [v[:n] for v, n in zip(values, scored)]
+
+    engine = cut([c.logprobs for c in completions])
+    floor = cut(recompute.floor_processed) if recompute.floor_processed is not None else None
     comparison = compare_logprobs(
-        engine, recompute.processed, tolerance, token_ids=token_ids, decode=decode, floor=recompute.floor_processed
+        engine, cut(recompute.processed), tolerance, token_ids=cut([c.token_ids for c in completions]), decode=decode, floor=floor
     )
     report = semantic_report(settings.label(), comparison)
     findings = report.findings
@@ -91,7 +99,7 @@ def check_completions(
     findings += _token_ids(completions, vocab_size, text_of)
     findings += _finish(completions, settings, eos_token_id, text_of)
     if not comparison.ok:
-        findings += _diagnose(engine, recompute, comparison)
+        findings += _diagnose(engine, cut(recompute.processed), cut(recompute.raw), comparison)
     if recompute.alternatives is not None and settings.top_logprobs:
         alternatives = _alternatives(completions, recompute, tolerance, decode)
         report.extra.append(alternatives)
@@ -100,8 +108,11 @@ def check_completions(
     return report
 
 
-def _diagnose(engine: Sequence[Sequence[float]], recompute: Recompute, aligned: Comparison) -> list[Finding]:
-    """Name the signature; each hypothesis is judged with the bounds the aligned comparison used."""
+def _diagnose(
+    engine: Sequence[Sequence[float]], processed: Sequence[Sequence[float]], raw: Sequence[Sequence[float]], aligned: Comparison
+) -> list[Finding]:
+    """Name the signature: ``engine`` against the trainer's ``processed`` and ``raw`` logprobs of the same
+    tokens; each hypothesis is judged with the bounds the aligned comparison used."""
     tolerance = aligned.tolerance
     if any(lp > 1e-6 for seq in engine for lp in seq):
         return [
@@ -114,19 +125,19 @@ def _diagnose(engine: Sequence[Sequence[float]], recompute: Recompute, aligned: 
     if not aligned.stats.get("tokens"):
         return [Finding("logprob values", "no token could be compared: " + "; ".join(aligned.violations))]
     baseline = max(aligned.stats["mean_abs"], 1e-12)
-    raw = compare_logprobs(engine, recompute.raw, tolerance)
-    if raw.ok or raw.stats.get("mean_abs", 0.0) * DIAGNOSIS_RATIO < baseline:
+    raw_fit = compare_logprobs(engine, raw, tolerance)
+    if raw_fit.ok or raw_fit.stats.get("mean_abs", 0.0) * DIAGNOSIS_RATIO < baseline:
         return [
             Finding(
                 "logprobs_mode",
                 "the engine's logprobs match the trainer's RAW distribution (before penalties, temperature, "
-                f"min-p, top-k, top-p; |diff| {raw.stats['mean_abs']:.2g} raw vs {baseline:.2g} processed, mean offset "
+                f"min-p, top-k, top-p; |diff| {raw_fit.stats['mean_abs']:.2g} raw vs {baseline:.2g} processed, mean offset "
                 f"{aligned.stats['mean_offset']:+.3g} nats): the engine returns raw logprobs. "
                 "Set the engine kwarg logprobs_mode=processed_logprobs.",
             )
         ]
     for shift, where in ((1, "one position ahead of"), (-1, "one position behind")):
-        shifted = compare_logprobs(*_shift(engine, recompute.processed, shift), tolerance)
+        shifted = compare_logprobs(*_shift(engine, processed, shift), tolerance)
         if shifted.stats.get("tokens") and (
             shifted.ok or shifted.stats["mean_abs"] * DIAGNOSIS_RATIO < baseline
         ):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_rlparity.compare import compare_logprobs, precision_floor
 from pytest_rlparity.engines.base import PAUSE_MODES
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
-from pytest_rlparity.compare import compare_logprobs, precision_floor
 from pytest_rlparity.model import CORPUS, tokens_of_length
 from pytest_rlparity.settings import SamplingSettings
 
@@ -95,15 +95,27 @@ def test_same_seed_same_rollouts(vllm_only, rlparity_session, rlparity_engine, r
     report.raise_if_failed()
 
 
+CHUNK = 64
+"""The chunked-prefill token budget: the long prompts (:data:`SHARED_PREFIX` and more) take five chunks."""
+
+
 def test_chunked_prefill_matches_trainer(vllm_only, rlparity_engine_factory, rlparity_trainer, long_prompts, rlparity_tolerance):
-    engine = rlparity_engine_factory(enable_chunked_prefill=True, max_num_batched_tokens=64)
+    engine = rlparity_engine_factory(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK)
+    scores = engine.score(long_prompts)
+    chunk = engine.prefill_chunk()
+    if chunk is None or chunk >= min(map(len, long_prompts)):
+        pytest.fail(
+            f"chunked prefill did not happen: the engine prefills {chunk or 'whole prompts'} tokens a step, the prompts "
+            f"have {min(map(len, long_prompts))}; this check compared nothing it is named for (engine kwargs override "
+            "enable_chunked_prefill or max_num_batched_tokens?)"
+        )
     compare_paths(
         rlparity_trainer.score(long_prompts),
-        engine.score(long_prompts),
+        scores,
         rlparity_tolerance,
-        label="chunked prefill (64-token budget) vs trainer",
+        label=f"chunked prefill ({chunk}-token budget) vs trainer",
         cause="chunked prefill",
-        hint="prompts split into 64-token chunks are scored differently from one pass",
+        hint=f"prompts split into {chunk}-token chunks are scored differently from one pass",
         floor=rlparity_trainer.score_floor(long_prompts),
     ).raise_if_failed()
 

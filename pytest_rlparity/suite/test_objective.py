@@ -40,7 +40,12 @@ def rl_engine(rlparity_session, rlparity_engine_factory):
 
 @pytest.mark.parametrize("loss", ["gspo", "grpo", "ppo"])
 def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_engine, rlparity_session, rlparity_golden):
-    from pytest_rlparity.trainer.rl import RLConfig, RLLoop, width_scaled_lr, word_start_reward  # torch: only when it runs
+    from pytest_rlparity.trainer.rl import (  # torch: only when it runs
+        RLConfig,
+        RLLoop,
+        width_scaled_lr,
+        word_start_reward,
+    )
 
     info = rl_engine.info
     numerics = rlparity_session.numerics

@@ -83,6 +83,11 @@ class StepMetrics:
     entropy: float
     kl_new_old: float
     """k3 KL between the trainer after the step and before it, on the rollout tokens."""
+    tokens: int = 0
+    not_a_number: int = 0
+    outside_support: int = 0
+    """Rollout tokens, and those left out of the ratios: a NaN, or a -inf (outside one side's support),
+    behaviour or old logprob."""
     floor_ratio_mean: float = 1.0
     floor_k3_kl: float = 0.0
     floor_mean_abs_log_ratio: float = 0.0
@@ -140,7 +145,7 @@ class RLLoop:
         old = [np.asarray(x) for x in before.processed]
         flat_b, flat_o = np.concatenate(behaviour), np.concatenate(old)
         finite = np.isfinite(flat_b) & np.isfinite(flat_o)
-        ratios = np.exp(flat_o[finite] - flat_b[finite])
+        ratios = np.exp(flat_o[finite] - flat_b[finite])  # the tokens left out are counted below
         floor = _floor_metrics(before.floor_processed, flat_o)
         entropy = float(np.mean([h for row in before.entropy or [] for h in row]))
         clipped = self._optimize(completions, settings, behaviour, advantages)
@@ -160,6 +165,9 @@ class RLLoop:
             chi2=metrics.chi2(ratios),
             entropy=entropy,
             kl_new_old=metrics.k3(flat_o[ok], flat_n[ok]),
+            tokens=int(flat_b.size),
+            not_a_number=int((np.isnan(flat_b) | np.isnan(flat_o)).sum()),
+            outside_support=int((~finite & ~np.isnan(flat_b) & ~np.isnan(flat_o)).sum()),
             **floor,
         )
 
