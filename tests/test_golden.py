@@ -210,6 +210,11 @@ def test_on_policy_curves_must_stay_in_their_band(tmp_path, path):
     outside = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"ratio_mean": [1.0, 1.0, float("nan")]})
     with pytest.raises(GoldenError, match=r"curve ratio_mean leaves its golden band \(±0.001\) at step 2: golden 1, now nan"):
         GoldenStore(tmp_path, "off", HINT).check(path, outside, TOL, provenance=PROVENANCE, nodeid="x")
+    document = json.loads(path.read_text())
+    del document["curves"]  # a golden that lost its curves judges nothing: a problem, not a pass
+    path.write_text(json.dumps(document))
+    with pytest.raises(GoldenError, match=r"curve ratio_mean: 0 steps in the golden, 3 now"):
+        GoldenStore(tmp_path, "off", HINT).check(path, inside, TOL, provenance=PROVENANCE, nodeid="x")
 
 
 MIGRATED = {**PROVENANCE, "engine": "hf", "engine_version": "transformers 5.19.0", "engine_kwargs": {"dtype": "float32"}}

@@ -76,7 +76,7 @@ def test_raw_logprobs_fail_the_semantic_layer_and_name_the_cause(no_leaked_engin
     assert "test_sampled_logprobs_match_trainer[temperature] [logprobs_mode]" in out
     assert "the engine returns raw logprobs. Set the engine kwarg logprobs_mode=processed_logprobs" in out
     assert "try: set the engine kwarg logprobs_mode=processed_logprobs" in out
-    assert re.search(r"plot: .*test_sampled_logprobs_match_trainer-temperature-0\.png", out)
+    assert re.search(r"plot: .*test_sampled_logprobs_match_trainer\[temperature\]-0\.png", out)
     # Greedy is the same under both modes: its logprobs pass, its golden numbers match, and the summary says what changed.
     assert "test_sampled_logprobs_match_trainer[greedy] PASSED" in out or "1 passed" in out
     assert "engine kwargs (logprobs_mode: 'processed_logprobs' -> 'raw_logprobs')" in out

@@ -30,7 +30,6 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
     excess = [{name: _excess(m, name) for name in names} for m in history]
     problems = []
     for m, step_excess in zip(history, excess):
-        problems += _left_out(m, bounds)
         for name in names:
             bound = step_bound(bounds, m, name)
             if bound is None or step_excess[name] <= bound:
@@ -38,6 +37,7 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
             scaled = f", {bounds.floor_factors[name]:g}x this step's precision floor" if bound != getattr(bounds, name) else ""
             what = "|r-1| " if name == "ratio_mean" else ""
             problems.append(f"step {m.step}: {name} {getattr(m, name):.4g} (bound {what}{bound:.3g}{scaled})")
+        problems += _left_out(m, bounds)
     worst = {name: max(e[name] for e in excess) for name in names} if history else {}
     publish({
         "kind": "metrics", "label": "on-policy metrics at every step", "layer": LAYER,
