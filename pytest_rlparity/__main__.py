@@ -3,6 +3,7 @@
   python -m pytest_rlparity diff A B                       two golden sets or two JSON reports, per layer
   python -m pytest_rlparity wheelhouse {build,install} ...  offline installs for GPU runners
   python -m pytest_rlparity make-model DIR --shape llama-1b   a random-weight model of a real shape, no download
+  python -m pytest_rlparity bench [PYTEST ARGS]             the suite's wall time, engine starts and time in checks
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def main(argv: list[str]) -> int:
         from .shapes import main as make_model
 
         return make_model(argv[1:])
+    if argv[0] == "bench":
+        from .bench import main as bench
+
+        return bench(argv[1:])
     print(f"unknown command {argv[0]!r}; try: python -m pytest_rlparity --help", file=sys.stderr)
     return 2
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 ENGINES = ("vllm", "hf")
+ENGINE_CORES = ("auto", "inline", "process")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Options:
     """Added to every sampling seed of the built-in suite: another seed is another clean run."""
     trainer_device: str | None = None
     """Where the trainer runs (``cpu``, ``cuda``, ``cuda:1``); default: the engine's device."""
+    engine_core: str = "auto"
+    """Where vLLM's engine core runs: ``inline`` (this process), ``process``, or ``auto`` (inline on
+    CPU, where a spawned core spends 15 s importing torch and vLLM again; a process on GPUs)."""
     tolerance: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`~pytest_rlparity.settings.Tolerance` fields from a profile."""
 
@@ -143,7 +147,10 @@ def resolve(config: pytest.Config) -> Options:
         max_engines=int(config.getini("rlparity_max_engines")),
         seed=int(opt("rlparity_seed") or 0),
         trainer_device=opt("rlparity_trainer_device") or config.getini("rlparity_trainer_device") or None,
+        engine_core=opt("rlparity_engine_core") or config.getini("rlparity_engine_core") or "auto",
     )
+    if options.engine_core not in ENGINE_CORES:
+        raise pytest.UsageError(f"rlparity_engine_core {options.engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
     kwargs: dict[str, Any] = {}
     sources: dict[str, str] = {}
 

@@ -98,8 +98,17 @@ class GoldenCheck:
             record,
             numerics_for(info.dtype).golden,
             provenance=self.session.provenance(info),
-            nodeid=self.node.nodeid,
+            nodeid=self.nodeid,
         )
+
+    @property
+    def nodeid(self) -> str:
+        """The test's node id as a command line selects it: without the ``@group`` that pytest-xdist's
+        ``--dist loadgroup`` appends."""
+        group = self.node.get_closest_marker("xdist_group")
+        name = (group.args[0] if group.args else group.kwargs.get("name")) if group else None
+        suffix = f"@{name}"
+        return self.node.nodeid.removesuffix(suffix) if name else self.node.nodeid
 
 
 @pytest.fixture

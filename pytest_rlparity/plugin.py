@@ -69,6 +69,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rlparity-request-timeout", type=float, metavar="SECONDS", help="give up on one engine call after this long")
     group.addoption("--rlparity-seed", type=int, metavar="N", help="added to the built-in suite's sampling seeds (default 0)")
     group.addoption("--rlparity-trainer-device", metavar="DEVICE", help="where the trainer runs (default: the engine's device)")
+    group.addoption(
+        "--rlparity-engine-core",
+        choices=rlconfig.ENGINE_CORES,
+        help="where vLLM's engine core runs: inline (this process), process, or auto (inline on CPU, process on GPU)",
+    )
     parser.addini("rlparity_model", "local Hugging Face model directory", default="")
     parser.addini("rlparity_engine", "engine under test: vllm or hf", default="vllm")
     parser.addini("rlparity_engine_kwargs", "engine kwargs, one KEY=VALUE per line", type="linelist", default=[])
@@ -80,11 +85,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("rlparity_request_timeout", "seconds before one engine call is abandoned", default="300")
     parser.addini("rlparity_max_engines", "engines kept running at once", default="2")
     parser.addini("rlparity_trainer_device", "where the trainer runs (default: the engine's device)", default="")
+    parser.addini("rlparity_engine_core", "where vLLM's engine core runs: auto, inline or process", default="auto")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the layer markers and, with ``--rlparity``, open the parity session."""
     config.addinivalue_line("markers", "rlparity: a parity test (needs --rlparity)")
+    config.addinivalue_line("markers", "xdist_group(name): tests sharing one engine configuration (pytest -n N --dist loadgroup)")
     for layer in LAYERS:
         config.addinivalue_line("markers", f"{layer}: parity layer '{layer}': {LAYER_DOC[layer]} (needs --rlparity)")
     options = rlconfig.resolve(config)
@@ -161,11 +168,18 @@ class OutcomeRecorder:
 
     def __init__(self, session: RLParitySession) -> None:
         self.session = session
+        self.spent: dict[str, float] = {}
+        """Seconds per test over its phases so far: set-up (where engines start) counts."""
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
             if key == STARTS_KEY:
                 self.session.engine_starts += value
+        self.spent[report.nodeid] = self.spent.get(report.nodeid, 0.0) + report.duration
+        if report.when == "teardown":
+            recorded = next((o for o in reversed(self.session.outcomes) if o.nodeid == report.nodeid), None)
+            if recorded is not None:
+                recorded.duration = self.spent[report.nodeid]
         if not (report.when == "call" or (report.when == "setup" and not report.passed)):
             return
         layer = next((m for m in LAYERS if m in report.keywords), None)
@@ -179,7 +193,7 @@ class OutcomeRecorder:
                 report.outcome,
                 props.get(CAUSE_KEY),
                 props.get(HEADLINE_KEY, ""),
-                report.duration,
+                self.spent[report.nodeid],
                 props.get(results.PROPERTY, []),
             )
         )

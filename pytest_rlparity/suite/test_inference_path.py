@@ -20,14 +20,20 @@ from pytest_rlparity.settings import SamplingSettings
 
 pytestmark = pytest.mark.inference_path
 
+# Each test names the engine configuration it uses as its xdist group: with
+# `pytest -n N --dist loadgroup` the configurations start side by side, one per worker.
+ON_SESSION_ENGINE = pytest.mark.xdist_group("session-engine")
+ON_PATH_ENGINE = pytest.mark.xdist_group("path-engine")
+
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=16)
 SAMPLED = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24)
 IN_FLIGHT = SamplingSettings(temperature=0.8, top_k=40, max_tokens=40, ignore_eos=True)
 PAUSE_AFTER = 16
 """Tokens each request samples before the pause: enough for bf16 means over the aborted
 requests' tokens alone, and few enough that every request is still running."""
-PATH_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION}
-"""One engine for the cached path and for weight updates (tests reset it to base weights)."""
+PATH_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION, "engine_core": "process"}
+"""One engine for the cached path and for weight updates (tests reset it to base weights); its core
+runs in a process of its own, which a ``wait`` pause needs."""
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +67,7 @@ def fresh_path_engine(vllm_only, rlparity_engine_factory, rlparity_session):
     return engine
 
 
+@ON_SESSION_ENGINE
 def test_batch_composition_does_not_change_scores(vllm_only, rlparity_engine, rlparity_trainer, long_prompts, rlparity_prompts, rlparity_tolerance):
     target = long_prompts[0]
     others = [p + p[1:] for p in rlparity_prompts]
@@ -81,6 +88,7 @@ def test_batch_composition_does_not_change_scores(vllm_only, rlparity_engine, rl
     ).raise_if_failed()
 
 
+@ON_SESSION_ENGINE
 def test_same_seed_same_rollouts(vllm_only, rlparity_session, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
     settings = rlparity_session.seeded(SAMPLED)
     first = rlparity_engine.generate(rlparity_prompts, settings)
@@ -99,6 +107,7 @@ CHUNK = 64
 """The chunked-prefill token budget: the long prompts (:data:`SHARED_PREFIX` and more) take five chunks."""
 
 
+@pytest.mark.xdist_group("chunked-prefill-engine")
 def test_chunked_prefill_matches_trainer(vllm_only, rlparity_engine_factory, rlparity_trainer, long_prompts, rlparity_tolerance):
     engine = rlparity_engine_factory(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK)
     scores = engine.score(long_prompts)
@@ -120,6 +129,7 @@ def test_chunked_prefill_matches_trainer(vllm_only, rlparity_engine_factory, rlp
     ).raise_if_failed()
 
 
+@pytest.mark.xdist_group("runtime-mode-engines")
 @pytest.mark.parametrize(
     ("kwargs", "cpu_reason"),
     [
@@ -150,6 +160,7 @@ HEAD_WORSE = 1.5
 head's on the same model (measured: 9-14x on the large-logits variant, 1.0x on the embedded model)."""
 
 
+@pytest.mark.xdist_group("lm-head-engines")
 def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rlparity_prompts, record_property):
     """A bf16 engine with the session's lm_head precision against the fp32 trainer.
 
@@ -200,6 +211,7 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
         assert worse >= HEAD_WORSE, f"a bf16 head is only {worse:.2f}x worse on the large-logits model: this check cannot see head precision"
 
 
+@ON_PATH_ENGINE
 def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_session, rlparity_trainer, long_prompts, rlparity_tolerance):
     cold = fresh_path_engine.generate(long_prompts, GREEDY)
     warm = fresh_path_engine.generate(long_prompts, GREEDY)
@@ -243,6 +255,7 @@ def train_and_push(trainer, engine, directory, prompts, history, *, method="relo
     engine.update_weights(trainer.save(directory / f"v{len(history)}"), method=method)
 
 
+@ON_PATH_ENGINE
 @pytest.mark.parametrize("method", ["reload_dir", "reload_tensors"])
 def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method):
     trainer, base = policy
@@ -257,6 +270,7 @@ def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_pro
         check_after_update(fresh_path_engine, trainer, history, rlparity_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
+@ON_PATH_ENGINE
 def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path):
     trainer, base = policy
     trainer.load_state(base)
@@ -268,6 +282,7 @@ def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_pr
     check_after_update(fresh_path_engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
+@ON_PATH_ENGINE
 @pytest.mark.parametrize("mode", PAUSE_MODES)
 def test_requests_in_flight_across_an_update(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path, mode):
     """Pause with ``mode`` and clear_cache=True, take an optimizer step, push it, resume.

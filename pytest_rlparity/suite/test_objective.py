@@ -19,7 +19,7 @@ from pytest_rlparity.model import CORPUS
 from pytest_rlparity.plots import plot_curves
 from pytest_rlparity.results import publish
 
-pytestmark = pytest.mark.objective
+pytestmark = [pytest.mark.objective, pytest.mark.xdist_group("rl-engine")]
 
 RL_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION}
 """Shared with the inference-path weight-update checks, so no extra engine start."""

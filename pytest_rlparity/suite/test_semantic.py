@@ -18,7 +18,7 @@ from pytest_rlparity.layers.semantic import check_completions, check_scores
 from pytest_rlparity.model import CORPUS
 from pytest_rlparity.settings import Case, SamplingSettings
 
-pytestmark = pytest.mark.semantic
+pytestmark = [pytest.mark.semantic, pytest.mark.xdist_group("session-engine")]
 
 GRID = [
     Case("greedy", SamplingSettings(temperature=0.0, top_logprobs=5)),  # argmax; processed = raw unless penalties

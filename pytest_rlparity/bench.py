@@ -1,0 +1,57 @@
+"""How long the suite takes, and how much of it is engine starts.
+
+    python -m pytest_rlparity bench [PYTEST ARGS...]     e.g. bench -m semantic --rlparity-profile=profiles/gpu-bf16.toml
+
+Runs ``pytest --rlparity`` with the arguments given, then reads the run's JSON report and prints
+the wall time, each engine start, the longest one, the time in checks (the tests' set-up, call
+and teardown, less the engine starts) and ``wall / (longest start + checks)``: 1.0 when every start
+but the longest overlaps the checks, higher when starts queue one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def summarize(report: dict[str, Any], wall: float) -> list[str]:
+    """The benchmark's lines, from a run's JSON report and its wall time."""
+    starts = report["run"].get("engine_starts", [])
+    seconds = [float(s["seconds"]) for s in starts]
+    in_tests = sum(float(t["duration_s"]) for t in report["tests"])
+    checks = max(in_tests - sum(seconds), 0.0)
+    longest = max(seconds, default=0.0)
+    outcomes = {k: sum(t["outcome"] == k for t in report["tests"]) for k in ("passed", "failed", "skipped")}
+    lines = [f"tests: {outcomes['passed']} passed, {outcomes['failed']} failed, {outcomes['skipped']} skipped"]
+    for s in starts:
+        shown = {k: v for k, v in s["kwargs"].items() if k in ("engine_core", "enable_prefix_caching", "enable_chunked_prefill",
+                                                                   "max_num_batched_tokens", "dtype", "hf_overrides", "model")}
+        lines.append(f"  engine start {float(s['seconds']):6.1f} s  {json.dumps(shown, sort_keys=True)}" + (f"  [{s['worker']}]" if s.get("worker") else ""))
+    lines += [
+        f"wall                 {wall:7.1f} s",
+        f"engine starts        {len(seconds):7d}   ({sum(seconds):.1f} s in all, longest {longest:.1f} s)",
+        f"checks               {checks:7.1f} s",
+        f"wall / (longest start + checks) = {wall / max(longest + checks, 1e-9):.2f}",
+    ]
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        began = time.monotonic()
+        rc = subprocess.run([sys.executable, "-m", "pytest", "--rlparity", f"--rlparity-report={report}", "-q", *argv]).returncode
+        wall = time.monotonic() - began
+        if not report.exists():
+            print(f"bench: pytest exited {rc} without a report; nothing to measure", file=sys.stderr)
+            return rc or 1
+        print("\n".join(["", "rlparity bench", *summarize(json.loads(report.read_text()), wall)]))
+    return rc
