@@ -88,10 +88,10 @@ def check_completions(
     def cut(values: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
         return [v[:n] for v, n in zip(values, scored)]
 
-    engine = cut([c.logprobs for c in completions])
+    engine, processed = cut([c.logprobs for c in completions]), cut(recompute.processed)
     floor = cut(recompute.floor_processed) if recompute.floor_processed is not None else None
     comparison = compare_logprobs(
-        engine, cut(recompute.processed), tolerance, token_ids=cut([c.token_ids for c in completions]), decode=decode, floor=floor
+        engine, processed, tolerance, token_ids=cut([c.token_ids for c in completions]), decode=decode, floor=floor
     )
     report = semantic_report(settings.label(), comparison)
     findings = report.findings
@@ -99,7 +99,7 @@ def check_completions(
     findings += _token_ids(completions, vocab_size, text_of)
     findings += _finish(completions, settings, eos_token_id, text_of)
     if not comparison.ok:
-        findings += _diagnose(engine, cut(recompute.processed), cut(recompute.raw), comparison)
+        findings += _diagnose(engine, processed, cut(recompute.raw), comparison)
     if recompute.alternatives is not None and settings.top_logprobs:
         alternatives = _alternatives(completions, recompute, tolerance, decode)
         report.extra.append(alternatives)
