@@ -107,8 +107,7 @@ class GoldenCheck:
         ``--dist loadgroup`` appends."""
         group = self.node.get_closest_marker("xdist_group")
         name = (group.args[0] if group.args else group.kwargs.get("name")) if group else None
-        suffix = f"@{name}"
-        return self.node.nodeid.removesuffix(suffix) if name else self.node.nodeid
+        return self.node.nodeid.removesuffix(f"@{name}") if name else self.node.nodeid
 
 
 @pytest.fixture

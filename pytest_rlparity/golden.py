@@ -47,6 +47,9 @@ MIGRATION_NOTED_KEYS = (*MIGRATION_KEYS, *NOTED_KEYS)
 
 UPDATE_MODES = ("off", "mismatch", "all")
 
+NON_FINITE = ("inf", "-inf", "nan")
+"""How a golden stores the floats JSON cannot hold."""
+
 DRAWN_SETTINGS = ("seed", "stop_token_ids")
 """Sampling settings that another draw may change: the seed, and what a case derives from its
 rollouts (the stop-token case stops at the run's most frequent token)."""
@@ -206,7 +209,7 @@ def load(path: Path, rerecord: str = "pytest --rlparity --rlparity-update-golden
 def _malformed(document: dict[str, Any]) -> str | None:
     """What in a golden's structure is not what :meth:`GoldenStore._write` writes, or ``None``."""
     def number(value: Any) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or value in ("inf", "-inf", "nan")
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or value in NON_FINITE
 
     def numbers(where: str, values: Any) -> str | None:
         if not isinstance(values, list):
@@ -436,7 +439,7 @@ def _encode(value: Any) -> Any:
 
 
 def _decode(value: Any) -> Any:
-    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+    if isinstance(value, str) and value in NON_FINITE:
         return float(value)
     return value
 

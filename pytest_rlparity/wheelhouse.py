@@ -251,7 +251,7 @@ def pack(wheel: Path, dest: Path, *, part_mib: int, drop: Iterable[str] = ()) ->
             member.size = len(data)
             member.mode = (info.external_attr >> 16) or 0o644
             tar.addfile(member, io.BytesIO(data))
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    digest = _sha256(archive)
     parts = []
     with archive.open("rb") as f:
         while chunk := f.read(part_mib << 20):

@@ -61,10 +61,10 @@ class FaultyEngine:
         for c in self.inner.generate(prompts, settings):
             c = self._corrupt(c)
             shift = drift
-            if self.cache_drift is not None and tuple(c.prompt_ids) in self._seen:
-                c = dataclasses.replace(c, cached_tokens=len(c.prompt_ids) - 1)
-                shift += self.cache_drift
             if self.cache_drift is not None:
+                if tuple(c.prompt_ids) in self._seen:
+                    c = dataclasses.replace(c, cached_tokens=len(c.prompt_ids) - 1)
+                    shift += self.cache_drift
                 self._seen.add(tuple(c.prompt_ids))
             completions.append(dataclasses.replace(c, logprobs=[lp + shift for lp in c.logprobs]) if shift else c)
         return completions

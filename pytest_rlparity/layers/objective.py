@@ -128,8 +128,10 @@ def curve_summaries(history: Sequence[StepMetrics], last: int = 3) -> dict[str, 
 
 def curves(history: Sequence[StepMetrics]) -> dict[str, list[float]]:
     """Each metric per step, for goldens and plots (token counts are checked, not plotted)."""
+    from ..trainer.rl import COUNTS
+
     names = list(history[0].as_dict()) if history else []
-    return {n: [m.as_dict()[n] for m in history] for n in names if n not in ("step", "tokens", "not_a_number", "outside_support")}
+    return {n: [m.as_dict()[n] for m in history] for n in names if n != "step" and n not in COUNTS}
 
 
 def curve_table(history: Sequence[StepMetrics]) -> str:

@@ -25,6 +25,9 @@ from .recompute import Trainer
 
 LOSSES = ("gspo", "grpo", "ppo")
 
+COUNTS = ("tokens", "not_a_number", "outside_support")
+"""The token counts of :class:`StepMetrics`: checked every step, not curves to plot."""
+
 
 @dataclass(frozen=True)
 class RLConfig:
