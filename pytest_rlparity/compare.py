@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ParityError
+from .frameworks import framework_metrics
 from .metrics import mismatch_stats
-from .results import comparison_entry, publish
+from .results import jsonable, publish
 from .settings import Tolerance, floor_scale
 
 Ragged = Sequence[Sequence[float]]
@@ -89,6 +91,25 @@ class Comparison:
             stats.update({f"floor_{k}": v for k, v in self.floor.items() if k != "tokens"})
             stats.update({f"floor_ratio_{k}": v for k, v in self.floor_ratios().items()})
         return stats
+
+    def entry(self, label: str, layer: str, findings: Sequence[Any] = ()) -> dict[str, Any]:
+        """This comparison as a check in the run's report (``findings``: what a layer check named)."""
+        return {
+            "kind": "comparison",
+            "label": label,
+            "layer": layer,
+            "verdict": "fail" if findings or not self.ok else "pass",
+            "stats": jsonable(self.stats),
+            "tolerance": jsonable(self.tolerance.to_dict()),
+            "violations": list(self.violations),
+            "findings": [{"cause": f.cause, "message": f.message} for f in findings],
+            "frameworks": jsonable(framework_metrics(*self.pairs)),
+            **(
+                {"floor": jsonable(self.floor), "floor_ratios": jsonable(self.floor_ratios()), "floor_factors": self.factors}
+                if self.floor
+                else {}
+            ),
+        }
 
     def report(self, title: str = "engine vs trainer", limit: int = 10) -> str:
         """A multi-line, human-readable account: verdict, statistics, worst tokens."""
@@ -231,7 +252,7 @@ def assert_logprobs_close(
     """
     __tracebackhide__ = True
     comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, floor=floor)
-    publish(comparison_entry(title, layer, comparison), comparison)
+    publish(comparison.entry(title, layer), comparison)
     if not comparison.ok:
         raise ParityError(comparison.report(title), layer=layer)
     return comparison

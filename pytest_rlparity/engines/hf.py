@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,7 +18,7 @@ from .. import sampling
 from ..errors import EngineError
 from ..settings import SamplingSettings
 from ..trainer.recompute import Trainer
-from .base import Completion, EngineInfo, request_seed
+from .base import Build, Completion, EngineInfo, StartOptions, request_seed
 
 KWARGS = {"dtype": "float32", "head_dtype": None, "logprobs_mode": "processed_logprobs"}
 """Every kwarg this engine understands, with its default."""
@@ -27,13 +27,13 @@ KWARGS = {"dtype": "float32", "head_dtype": None, "logprobs_mode": "processed_lo
 class HFEngine:
     """Greedy or seeded sampling from a transformers model, with vLLM's semantics."""
 
+    name: ClassVar[str] = "hf"
+    default_kwargs: ClassVar[dict[str, Any]] = {"dtype": "float32", "logprobs_mode": "processed_logprobs"}
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(self, model: str, kwargs: dict[str, Any]) -> None:
-        unknown = sorted(set(kwargs) - set(KWARGS))
-        if unknown:
-            raise EngineError(f"the hf engine does not understand kwargs {unknown}; it knows {sorted(KWARGS)}")
+        self.validate_kwargs(kwargs)
         options = {**KWARGS, **kwargs}
-        if options["logprobs_mode"] not in ("raw_logprobs", "processed_logprobs"):
-            raise EngineError(f"the hf engine supports logprobs_mode raw_logprobs or processed_logprobs, not {options['logprobs_mode']!r}")
         self.logprobs_mode = options["logprobs_mode"]
         self.model = Trainer(model, dtype=options["dtype"], head_dtype=options["head_dtype"] or options["dtype"])
         self.eos = self.model.tokenizer.eos_token_id
@@ -46,7 +46,20 @@ class HFEngine:
         )
 
     @classmethod
-    def start(cls, model: str, kwargs: dict[str, Any], **_: Any) -> HFEngine:
+    def installed(cls) -> Build:
+        return Build(f"transformers {importlib.metadata.version('transformers')}", "cpu")
+
+    @classmethod
+    def validate_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - set(KWARGS))
+        if unknown:
+            raise EngineError(f"the hf engine does not understand kwargs {unknown}; it knows {sorted(KWARGS)}")
+        mode = kwargs.get("logprobs_mode", KWARGS["logprobs_mode"])
+        if mode not in ("raw_logprobs", "processed_logprobs"):
+            raise EngineError(f"the hf engine supports logprobs_mode raw_logprobs or processed_logprobs, not {mode!r}")
+
+    @classmethod
+    def start(cls, model: str, kwargs: dict[str, Any], options: StartOptions | None = None) -> HFEngine:
         return cls(model, kwargs)
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:

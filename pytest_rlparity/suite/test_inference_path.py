@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_rlparity.compare import compare_logprobs, precision_floor
-from pytest_rlparity.engines.base import PAUSE_MODES
+from pytest_rlparity.engines.base import PAUSE_MODES, VLLM_ENGINE_ARGS
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
 from pytest_rlparity.model import CORPUS, tokens_of_length
@@ -37,14 +37,18 @@ runs in a process of its own, which a ``wait`` pause needs."""
 
 
 @pytest.fixture(scope="module")
-def vllm_only(rlparity_session):
-    if rlparity_session.options.engine != "vllm":
-        pytest.skip("inference-path checks drive vLLM's own paths (prefix cache, chunked prefill, reload_weights)")
+def vllm_paths(rlparity_session):
+    """Skips unless the engine takes vLLM's engine args, which switch its paths on and off."""
+    if not rlparity_session.supports(VLLM_ENGINE_ARGS):
+        pytest.skip(
+            f"the {rlparity_session.options.engine} engine does not take vLLM's engine args: inference-path checks drive "
+            "vLLM's own paths (prefix cache, chunked prefill, reload_weights)"
+        )
 
 
 @pytest.fixture(scope="module")
-def device(vllm_only, rlparity_session) -> str:
-    return rlparity_session.build[1]
+def device(vllm_paths, rlparity_session) -> str:
+    return rlparity_session.build.device
 
 
 SHARED_PREFIX = 2 * 128 + 14
@@ -59,7 +63,7 @@ def long_prompts(rlparity_trainer) -> list[list[int]]:
 
 
 @pytest.fixture
-def fresh_path_engine(vllm_only, rlparity_engine_factory, rlparity_session):
+def fresh_path_engine(vllm_paths, rlparity_engine_factory, rlparity_session):
     """The engine with prefix caching and the update extension, at base weights, cache empty."""
     engine = rlparity_engine_factory(**PATH_ENGINE)
     engine.update_weights(str(rlparity_session.model_dir))
@@ -68,7 +72,7 @@ def fresh_path_engine(vllm_only, rlparity_engine_factory, rlparity_session):
 
 
 @ON_SESSION_ENGINE
-def test_batch_composition_does_not_change_scores(vllm_only, rlparity_engine, rlparity_trainer, long_prompts, rlparity_prompts, rlparity_tolerance):
+def test_batch_composition_does_not_change_scores(vllm_paths, rlparity_engine, rlparity_trainer, long_prompts, rlparity_prompts, rlparity_tolerance):
     target = long_prompts[0]
     others = [p + p[1:] for p in rlparity_prompts]
     alone = rlparity_engine.score([target])
@@ -89,7 +93,7 @@ def test_batch_composition_does_not_change_scores(vllm_only, rlparity_engine, rl
 
 
 @ON_SESSION_ENGINE
-def test_same_seed_same_rollouts(vllm_only, rlparity_session, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
+def test_same_seed_same_rollouts(vllm_paths, rlparity_session, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
     settings = rlparity_session.seeded(SAMPLED)
     first = rlparity_engine.generate(rlparity_prompts, settings)
     second = rlparity_engine.generate(rlparity_prompts, settings)
@@ -108,7 +112,7 @@ CHUNK = 64
 
 
 @pytest.mark.xdist_group("chunked-prefill-engine")
-def test_chunked_prefill_matches_trainer(vllm_only, rlparity_engine_factory, rlparity_trainer, long_prompts, rlparity_tolerance):
+def test_chunked_prefill_matches_trainer(vllm_paths, rlparity_engine_factory, rlparity_trainer, long_prompts, rlparity_tolerance):
     engine = rlparity_engine_factory(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK)
     scores = engine.score(long_prompts)
     chunk = engine.prefill_chunk()
@@ -237,7 +241,7 @@ def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_sessio
 
 
 @pytest.fixture(scope="module")
-def policy(vllm_only, rlparity_session):
+def policy(vllm_paths, rlparity_session):
     """A trainer of its own, whose weights the update tests change (the shared one stays at base)."""
     trainer = rlparity_session.new_trainer()
     base = trainer.state()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_rlparity.engines.base import VLLM_ENGINE_ARGS
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.golden import GoldenRecord, load
 from pytest_rlparity.layers.objective import check_learns, check_on_policy, curve_summaries, curves
@@ -32,7 +33,7 @@ SEED_STRIDE = 1_000_003
 
 @pytest.fixture
 def rl_engine(rlparity_session, rlparity_engine_factory):
-    engine = rlparity_engine_factory(**(RL_ENGINE if rlparity_session.options.engine == "vllm" else {}))
+    engine = rlparity_engine_factory(**(RL_ENGINE if rlparity_session.supports(VLLM_ENGINE_ARGS) else {}))
     engine.update_weights(str(rlparity_session.model_dir))
     engine.reset_prefix_cache()
     return engine
