@@ -167,6 +167,24 @@ def tokens_of_length(tokenizer: Any, count: int) -> list[int]:
     return ids[:count]
 
 
+def non_canonical_prompts(tokenizer: Any, count: int = 4) -> list[list[int]]:
+    """Prompts whose token ids the tokenizer would not produce from their own text: words of the corpus
+    spelled one character token at a time. An engine that re-tokenizes the decoded text sees other ids."""
+    prompts = []
+    for sentence in CORPUS:
+        words = sentence.split()[:4]
+        ids = tokenizer(words[0]).input_ids
+        for word in words[1:]:
+            for char in " " + word:
+                ids += tokenizer(char, add_special_tokens=False).input_ids
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if tokenizer(text).input_ids != ids:
+            prompts.append(ids)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
 def fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """A stable hash of a model directory's config, tokenizer and weights.
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, cast
 from . import frameworks, results
 from .config import Options
 from .engines.base import ENGINE_CORE, Build, StartOptions
-from .engines.registry import engine_class
+from .engines import registry
 from .files import safe_name, write_atomic
 from .golden import GoldenStore
 from .layers import LAYER_DOC, LAYERS
@@ -57,7 +57,7 @@ class RLParitySession:
         self.options = options
         self.worker = worker
         """Whether this is a pytest-xdist worker: it sees only its own tests; the controller sees all."""
-        self.engine_class = engine_class(options.engine)
+        self.engine_class = registry.engine_class(options.engine)
         """The registered class of ``--rlparity-engine`` (:mod:`pytest_rlparity.engines.registry`)."""
         self.engine_kwargs = {**self.engine_class.default_kwargs, **options.engine_kwargs}
         self.outcomes: list[Outcome] = []
@@ -229,6 +229,7 @@ class RLParitySession:
             "plugin_version": _version("pytest-rlparity"),
             "python": platform.python_version(),
             "engine_starts": self.engine_starts,
+            "engines_registered": registry.names(),
         }
 
     @contextlib.contextmanager
@@ -269,6 +270,7 @@ class RLParitySession:
         lines = [
             f"rlparity: engine {options.engine} ({self.build.name}), device {self.build.device}, dtype {self.dtype} ({judged})",
             f"rlparity: model {self.model_name} ({self.model_dir}), fingerprint {self.fingerprint}",
+            f"rlparity: engines registered: {', '.join(registry.names())} (--rlparity-engine)",
             f"rlparity: trainer on {self.trainer_device}, suite seed {options.seed}"
             + (f", engine core {self.engine_core}" if self.supports(ENGINE_CORE) else ""),
         ]

@@ -282,6 +282,15 @@ class VLLMEngine:
         scheduler = self.llm.llm_engine.vllm_config.scheduler_config
         return int(scheduler.max_num_batched_tokens) if scheduler.enable_chunked_prefill else None
 
+    def weight_checksums(self) -> dict[str, str]:
+        """SHA-256 per parameter as each worker holds it, keyed ``rank:name`` (vLLM's ``compute_weight_checksums``).
+        On CPU, linear layers repacked for the kernels show the digest of an empty tensor."""
+        with self._answering("compute_weight_checksums"):
+            found: dict[str, str] = {}
+            for worker in self.llm.collective_rpc("compute_weight_checksums"):
+                found.update(worker)
+            return found
+
     def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks (they were computed with the weights of their time)."""
         with self._answering("reset_prefix_cache"):

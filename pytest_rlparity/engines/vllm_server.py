@@ -92,6 +92,8 @@ class HTTPFaults:
     """Send each prompt as its decoded text, for the server to tokenize again."""
     pause_mode_in_body: bool = False
     """Send the pause mode in the JSON body, where the server does not read it."""
+    decimals: int | None = None
+    """Round every logprob to this many decimals, as a JSON encoder with a fixed precision would."""
 
 
 class VLLMServerEngine:
@@ -352,7 +354,9 @@ class VLLMServerEngine:
     def _logprob(self, value: float | None) -> float:
         if value is None:
             return float("nan")
-        return float("-inf") if value <= JSON_FLOOR and not self.faults.floor_as_logprob else float(value)
+        if value <= JSON_FLOOR and not self.faults.floor_as_logprob:
+            return float("-inf")
+        return round(float(value), self.faults.decimals) if self.faults.decimals is not None else float(value)
 
     def _token(self, key: str) -> int:
         if key.startswith("token_id:"):

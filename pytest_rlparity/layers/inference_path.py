@@ -19,11 +19,13 @@ request that kept its cache across the update).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, compare_logprobs
+from ..results import publish
 from ..settings import SamplingSettings, Tolerance
 from .report import Finding, LayerReport
 
@@ -88,11 +90,15 @@ def check_after_update(
     prompts: Sequence[Sequence[int]],
     settings: SamplingSettings,
     tolerance: Tolerance,
+    *,
+    checksums: tuple[dict[str, str], dict[str, str]] | None = None,
 ) -> LayerReport:
     """After weight update ``len(history) - 1``, the engine must match the trainer's latest weights.
 
     ``history`` holds the trainer's weights per version, oldest first; the trainer holds
     the last. On a mismatch the report says which weights the engine is really using.
+    ``checksums``: the engine's per-parameter checksums before and after the update
+    (``weight_checksums()``), a second witness that names the rank and tensors an update missed.
     """
     version = len(history) - 1
     completions = engine.generate(prompts, settings)
@@ -100,6 +106,8 @@ def check_after_update(
     current = fit.compare(history[-1])
     label = f"after weight update v{version}"
     report = path_report(label, current)
+    if checksums is not None and version >= 1:
+        report.findings += weights_witness(*checksums, history[-2], history[-1])
     if current.ok:
         return report
     cached = [c.cached_tokens or 0 for c in completions]
@@ -299,6 +307,53 @@ def _pause_contract(completions: Sequence[Completion], split: Sequence[int], mod
             )
         )
     return found
+
+
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+"""What vLLM's checksum of an empty tensor is: CPU kernels repack linear weights and leave the parameter empty."""
+
+FUSED = ((re.compile(r"\.(q|k|v)_proj\."), ".qkv_proj."), (re.compile(r"\.(gate|up)_proj\."), ".gate_up_proj."))
+"""Checkpoint names to vLLM's fused parameter names."""
+
+
+def weights_witness(
+    before: dict[str, str], after: dict[str, str], old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
+) -> list[Finding]:
+    """The engine's checksums as a second witness: every parameter it shows whose checkpoint tensors
+    changed between ``old`` and ``new`` must have a new checksum. Keys are ``rank:name`` (vLLM's
+    ``dp0:pp0:pcp0:tp0:model...``), so a miss is named with its rank. Parameters the engine does not
+    show (empty: repacked for CPU kernels) prove nothing either way; the publish says how many there were.
+    """
+    changed = set()
+    for name, tensor in new.items():
+        if name in old and not bool((old[name] == tensor).all()):
+            changed.add(_fused(name))
+    visible = {k for k in after if before.get(k) not in (None, EMPTY_DIGEST) and after[k] != EMPTY_DIGEST}
+    expected = sorted(k for k in visible if k.rpartition(":")[2] in changed)
+    kept = [k for k in expected if before[k] == after[k]]
+    publish({
+        "kind": "witness", "label": "engine weight checksums across the update", "layer": LAYER,
+        "verdict": "fail" if kept else "pass", "parameters": len(after), "visible": len(visible),
+        "expected_to_change": len(expected), "kept": kept[:20],
+    })
+    if not kept:
+        return []
+    by_rank: dict[str, list[str]] = {}
+    for key in kept:
+        rank, _, name = key.rpartition(":")
+        by_rank.setdefault(rank or "rank 0", []).append(name)
+    where = "; ".join(f"{rank}: {summarize(names)}" for rank, names in by_rank.items())
+    return [Finding(
+        "partial update",
+        f"the engine's own weight checksums did not change for {len(kept)} of the {len(expected)} parameters the update "
+        f"changed ({where}): those tensors did not arrive on that rank",
+    )]
+
+
+def _fused(name: str) -> str:
+    for pattern, fused in FUSED:
+        name = pattern.sub(fused, name)
+    return name
 
 
 class _Fit:

@@ -16,6 +16,7 @@ names the signature instead of only reporting that numbers differ:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,9 @@ def check_completions(
     report = semantic_report(settings.label(), comparison)
     findings = report.findings
     findings += _reported_tokens(completions)
+    findings += _reported_values(completions)
+    if settings.top_logprobs:
+        findings += _alternatives_reported(completions, settings.top_logprobs, vocab_size)
     findings += _token_ids(completions, vocab_size, text_of)
     findings += _finish(completions, settings, eos_token_id, text_of)
     if not comparison.ok:
@@ -204,6 +208,58 @@ def _reported_tokens(completions: Sequence[Completion]) -> list[Finding]:
     return findings
 
 
+JSON_FLOOR = -9999.0
+"""vLLM's OpenAI server writes a logprob of ``-inf`` (or NaN) as this in JSON."""
+
+ROUNDED_DECIMALS = 6
+"""Logprobs that all equal themselves rounded to this many decimals were rounded on the way: an
+fp32 logprob has 7-9 significant digits, so a genuine value passes this with probability ~1e-3."""
+
+
+def _reported_values(completions: Sequence[Completion]) -> list[Finding]:
+    """Values a transport changed: ``-inf`` written as vLLM's JSON floor and read back as a number, or
+    logprobs rounded to a few decimals (a JSON encoder with a fixed precision)."""
+    values = [v for c in completions for step in (c.top_logprobs or []) for v in step.values()]
+    values += [v for c in completions for v in c.logprobs]
+    findings = []
+    floored = [v for v in values if v == JSON_FLOOR]
+    if floored:
+        findings.append(Finding(
+            "JSON logprob floor",
+            f"{len(floored)} reported logprob(s) equal {JSON_FLOOR}, vLLM's JSON stand-in for -inf: read values of "
+            f"{JSON_FLOOR} or below as -inf (a token outside the top-k/top-p support has probability 0, not e^{JSON_FLOOR:g})",
+        ))
+    sampled = [v for c in completions for v in c.logprobs if math.isfinite(v) and v != 0.0]
+    if len(sampled) >= 10 and all(v == round(v, ROUNDED_DECIMALS) for v in sampled):
+        findings.append(Finding(
+            "logprob precision",
+            f"all {len(sampled)} sampled-token logprobs have at most {ROUNDED_DECIMALS} decimals (e.g. {sampled[0]!r}): "
+            "something between the engine and the trainer rounds them; send floats at full precision",
+        ))
+    return findings
+
+
+def _alternatives_reported(completions: Sequence[Completion], asked: int, vocab_size: int) -> list[Finding]:
+    """Every position reports the ``asked`` most likely tokens (plus the sampled one), each a token of the
+    vocabulary: fewer, or ids outside it, mean alternatives were keyed by decoded text (two tokens that decode
+    alike collapse; text maps back to the wrong id, or none)."""
+    steps = [(i, pos, step) for i, c in enumerate(completions) for pos, step in enumerate(c.top_logprobs or [])]
+    short = [f"seq {i} pos {pos}: {len(step)}" for i, pos, step in steps if len(step) < asked]
+    foreign = sorted({t for _, _, step in steps for t in step if not 0 <= t < vocab_size})
+    problems = []
+    if short:
+        problems.append(f"{len(short)} position(s) report fewer than the {asked} alternatives asked for ({', '.join(short[:5])})")
+    if foreign:
+        problems.append(f"alternatives with token ids outside the vocabulary: {foreign[:5]}")
+    if not problems:
+        return []
+    return [Finding(
+        "alternatives keyed by text",
+        "; ".join(problems) + ": tokens that decode to the same text collapsed into one entry, or text was mapped back to "
+        "ids. Ask for token ids (vLLM's server: return_tokens_as_token_ids=true).",
+    )]
+
+
 def _token_ids(
     completions: Sequence[Completion], vocab_size: int, decode: Callable[[list[int]], str]
 ) -> list[Finding]:
@@ -263,7 +319,8 @@ def _alternatives(
     floor_alternatives = recompute.floor.alternatives if recompute.floor is not None else None
     for n, (c, alts) in enumerate(zip(completions, recompute.alternatives or [])):
         for pos, (step, trainer_step) in enumerate(zip(c.top_logprobs or [], alts)):
-            tokens = sorted(step)
+            # ids outside the vocabulary (the trainer has no logprob for them) are a finding of their own
+            tokens = sorted(t for t in step if not math.isnan(trainer_step.get(t, math.nan)))
             engine.append([step[t] for t in tokens])
             trainer.append([trainer_step[t] for t in tokens])
             if floor_alternatives is not None:

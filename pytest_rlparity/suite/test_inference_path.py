@@ -266,12 +266,16 @@ def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_pro
     trainer.load_state(base)
     history = [trainer.state()]
     for _ in range(2):
+        before = fresh_path_engine.weight_checksums()
         train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history, method=method)
         fresh_path_engine.reset_prefix_cache()
         history.append(trainer.state())
         moved, bound = policy_shift(trainer, history[-2], rlparity_prompts, rlparity_tolerance)
         assert moved > 10 * bound, f"the step moved logprobs by only {moved:.2g} on average (bound {bound:.2g}): the check would be blind"
-        check_after_update(fresh_path_engine, trainer, history, rlparity_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
+        checksums = (before, fresh_path_engine.weight_checksums()) if before is not None else None
+        check_after_update(
+            fresh_path_engine, trainer, history, rlparity_prompts, GREEDY, rlparity_tolerance, checksums=checksums
+        ).raise_if_failed()
 
 
 @ON_PATH_ENGINE

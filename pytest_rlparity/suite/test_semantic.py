@@ -15,7 +15,7 @@ import pytest
 
 from pytest_rlparity.golden import GoldenRecord, record_from
 from pytest_rlparity.layers.semantic import check_completions, check_scores
-from pytest_rlparity.model import CORPUS
+from pytest_rlparity.model import CORPUS, non_canonical_prompts
 from pytest_rlparity.settings import Case, SamplingSettings
 
 pytestmark = [pytest.mark.semantic, pytest.mark.xdist_group("session-engine")]
@@ -107,3 +107,38 @@ def test_teacher_forced_scores_match_trainer(rlparity_engine, rlparity_trainer, 
         sampling={"teacher_forced": True},
     )
     rlparity_golden.check(record, rlparity_engine.info)
+
+
+TRANSPORT = [
+    # alternatives beyond top_k have probability 0: -inf, which JSON cannot write (vLLM's server sends -9999.0)
+    Case("outside_top_k", SamplingSettings(temperature=0.7, top_k=3, top_logprobs=6, max_tokens=16)),
+    # confident tokens: logprobs near 0 must not be rounded on the way (T=0.25 amplifies fp32 logit noise 4x, not 20x)
+    Case("confident", SamplingSettings(temperature=0.25, max_tokens=16)),
+]
+
+
+@pytest.mark.parametrize("case", TRANSPORT, ids=lambda c: c.name)
+def test_logprobs_arrive_as_computed(case, rlparity_session, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
+    """Values a transport (an HTTP server's JSON, a client library) may change: -inf, tiny logprobs, full
+    precision, every alternative by its own token id."""
+    settings = rlparity_session.seeded(case.settings)
+    completions = rlparity_engine.generate(rlparity_prompts, settings)
+    if case.name == "outside_top_k":
+        impossible = sum(v == float("-inf") for c in completions for step in c.top_logprobs or [] for v in step.values())
+        assert impossible or any(v == -9999.0 for c in completions for s in c.top_logprobs or [] for v in s.values()), (
+            "no alternative outside the top-k was reported: this case did not exercise -inf"
+        )
+    recompute = rlparity_trainer.recompute(completions, settings)
+    check_completions(completions, recompute, settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer).raise_if_failed()
+
+
+def test_prompt_token_ids_reach_the_engine_unchanged(rlparity_session, rlparity_engine, rlparity_trainer, rlparity_tolerance):
+    """Prompts the tokenizer would spell otherwise from their text: an engine (or client) that sends text and
+    lets the server tokenize again computes on other ids."""
+    prompts = non_canonical_prompts(rlparity_trainer.tokenizer)
+    if not prompts:
+        pytest.skip("this tokenizer spells every corpus word the same from its text and from its characters")
+    settings = rlparity_session.seeded(SamplingSettings(temperature=0.7, max_tokens=8))
+    completions = rlparity_engine.generate(prompts, settings)
+    recompute = rlparity_trainer.recompute(completions, settings)
+    check_completions(completions, recompute, settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer).raise_if_failed()
