@@ -102,7 +102,7 @@ class Comparison:
             "stats": jsonable(self.stats),
             "tolerance": jsonable(self.tolerance.to_dict()),
             "violations": list(self.violations),
-            "findings": [{"cause": f.cause, "message": f.message} for f in findings],
+            "findings": [{"cause": str(f.cause), "message": f.message} for f in findings],
             "frameworks": jsonable(framework_metrics(*self.pairs)),
             **(
                 {"floor": jsonable(self.floor), "floor_ratios": jsonable(self.floor_ratios()), "floor_factors": self.factors}

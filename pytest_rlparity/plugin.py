@@ -14,8 +14,8 @@ from collections.abc import Generator
 
 import pytest
 
+from . import causes, results
 from . import config as rlconfig
-from . import results
 from .engines import registry
 from .errors import EngineError, GoldenError, ParityError
 from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
@@ -162,13 +162,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if isinstance(exc, ParityError):
             cause = exc.cause or exc.layer
         elif isinstance(exc, GoldenError):
-            cause = "golden"
+            cause = causes.GOLDEN
         elif isinstance(exc, EngineError):
-            cause = "engine"
+            cause = causes.ENGINE
         else:
             cause = None
         if cause:
-            report.user_properties.append((CAUSE_KEY, cause))
+            report.user_properties.append((CAUSE_KEY, str(cause)))  # a plain str travels with pytest-xdist
             headline = getattr(exc, "headline", None) or str(exc).strip().splitlines()[0]
             report.user_properties.append((HEADLINE_KEY, headline[:240]))
     return report

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
 from . import frameworks, results
 from .config import Options
-from .engines.base import ENGINE_CORE, Build, StartOptions
 from .engines import registry
+from .engines.base import ENGINE_CORE, Build, StartOptions
 from .files import safe_name, write_atomic
 from .golden import GoldenStore
 from .layers import LAYER_DOC, LAYERS

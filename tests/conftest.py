@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 # pytester's in-process runs drop modules first imported inside them, and parts of torch
@@ -42,6 +44,33 @@ def run_pytest(*args: str, cwd: Path | None = None, timeout: float = 900) -> sub
         text=True,
         timeout=timeout,
     )
+
+
+def vllm_processes() -> set[int]:
+    """vLLM processes started by pytest runs of this test session (tagged through the environment)."""
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            name = proc.info["name"] or ""
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            engine = "VLLM" in name or "EngineCore" in cmdline or "vllm.entrypoints" in cmdline
+            if proc.status() == psutil.STATUS_ZOMBIE or not engine:
+                continue
+            if proc.environ().get(RUN_TAG) == str(os.getpid()):
+                found.add(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture
+def no_leaked_engines():
+    before = vllm_processes()
+    yield
+    deadline = time.monotonic() + 10
+    while (leaked := vllm_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not leaked, f"vLLM processes outlived the pytest session: {leaked}"
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 
+from pytest_rlparity.causes import BATCH_COMPOSITION
 from pytest_rlparity.engines.hf import HFEngine
 from pytest_rlparity.errors import EngineError, ParityError
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, summarize
@@ -136,9 +137,9 @@ class TestPauseContract:
 def test_path_difference_is_attributed_to_the_path():
     clean = [[-1.0, -2.0, -0.5]]
     drifted = [[-1.0, -2.0, -0.45]]
-    report = compare_paths(clean, drifted, Tolerance(), label="alone vs batched", cause="batch composition", hint="differs")
+    report = compare_paths(clean, drifted, Tolerance(), label="alone vs batched", cause=BATCH_COMPOSITION, hint="differs")
     assert causes(report) == ["batch composition"]
-    assert compare_paths(clean, clean, Tolerance(), label="same", cause="x", hint="y").ok
+    assert compare_paths(clean, clean, Tolerance(), label="same", cause=BATCH_COMPOSITION, hint="y").ok
 
 
 def test_summarize_groups_whole_layers():

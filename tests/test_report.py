@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from pytest_rlparity import causes
 from pytest_rlparity.layers import LAYERS
-from pytest_rlparity.results import ADVICE, advice_for, build_report
+from pytest_rlparity.results import advice_for, build_report
 from pytest_rlparity.session import Outcome
 
 FAILING_RUN = """
@@ -46,7 +49,7 @@ def test_failing_run_writes_a_json_report_with_statistics_tolerances_and_a_plot(
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path["checks"][0]["verdict"] == "pass" and "plot" not in path["checks"][0]
     assert obj["downstream_of"] == ["semantic"] and obj["cause"] == "backend mismatch at step 0"
-    assert sem["downstream_of"] == [] and obj["advice"] == ADVICE["backend mismatch at step 0"]
+    assert sem["downstream_of"] == [] and obj["advice"] == causes.BACKEND_MISMATCH.advice
     result.stdout.fnmatch_lines(["*FAILED*test_sem*", "*plot: *test_sem-0.png", "*FAILED*test_obj*probably downstream of the failing semantic layer*"])
 
 
@@ -58,17 +61,21 @@ def test_report_can_be_moved_or_switched_off(pytester):
     assert not (pytester.path / "rlparity-artifacts" / "report.json").exists()
 
 
-def test_every_cause_the_checks_name_has_advice():
+def test_causes_are_defined_once_and_a_finding_cannot_name_an_undefined_one():
+    """Checks name causes as values: a misspelt cause fails where the finding is built, not in a report."""
     import pathlib
     import re
 
+    from pytest_rlparity.layers.report import Finding
+
     package = pathlib.Path(__file__).parents[1] / "pytest_rlparity"
     source = "\n".join(p.read_text() for d in ("layers", "suite") for p in (package / d).glob("*.py"))
-    named = set(re.findall(r'Finding\(\s*"([^"]+)"', source)) | set(re.findall(r'cause="([^"]+)"', source))
-    named.discard(", ")  # cause=", ".join(kwargs): the kwarg names, listed below
-    named |= {"backend mismatch at step 0", "mismatch after a weight update", "no learning", "async_scheduling", "enforce_eager"}
-    assert named, "no causes found"
-    assert {c for c in named if advice_for(c) is None} == set()
+    assert not re.findall(r'Finding\(\s*"|cause="', source), "a check names a cause by a string literal"
+    assert len(set(causes.CAUSES)) == len(causes.CAUSES) and all(advice_for(name) for name in causes.CAUSES)
+    assert {c.layer for c in causes.CAUSES.values()} <= {"semantic", "inference_path", "objective", "any"}
+    assert causes.for_kwarg("async_scheduling").seed_fix == "async_scheduling=False"
+    with pytest.raises(TypeError, match="not defined in pytest_rlparity.causes"):
+        Finding("logprob mode", "misspelt")
 
 
 def test_report_marks_failures_above_a_failing_layer_as_downstream():

