@@ -149,7 +149,21 @@ def validate_kwargs(kwargs: dict[str, Any]) -> None:
         )
 
 
-class VLLMEngine:
+class VLLMInstallation:
+    """What both vLLM engines (in-process and served) know before one runs: defaults, build, kwargs check."""
+
+    default_kwargs: ClassVar[dict[str, Any]] = DEFAULT_KWARGS
+
+    @classmethod
+    def installed(cls) -> Build:
+        return installed_build()
+
+    @classmethod
+    def validate_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        validate_kwargs(kwargs)
+
+
+class VLLMEngine(VLLMInstallation):
     """A running ``vllm.LLM``. Use :meth:`start`; close with :meth:`close` or ``with``."""
 
     def __init__(
@@ -174,16 +188,7 @@ class VLLMEngine:
         """Which engine process died under a call (empty while the engine is healthy)."""
 
     name: ClassVar[str] = "vllm"
-    default_kwargs: ClassVar[dict[str, Any]] = DEFAULT_KWARGS
     capabilities: ClassVar[frozenset[str]] = frozenset({VLLM_ENGINE_ARGS, ENGINE_CORE})
-
-    @classmethod
-    def installed(cls) -> Build:
-        return installed_build()
-
-    @classmethod
-    def validate_kwargs(cls, kwargs: dict[str, Any]) -> None:
-        validate_kwargs(kwargs)
 
     @classmethod
     def start(cls, model: str, kwargs: dict[str, Any], options: StartOptions | None = None) -> VLLMEngine:

@@ -43,7 +43,6 @@ from .base import (
     HTTP,
     PAUSE_MODES,
     VLLM_ENGINE_ARGS,
-    Build,
     Completion,
     EngineInfo,
     PauseMode,
@@ -52,10 +51,9 @@ from .base import (
 )
 from .processes import EngineOutput, ProcessGroup, watchdog
 from .vllm import (
-    DEFAULT_KWARGS,
     NOT_INSTALLED_ERROR,
     WORKER_METHODS,
-    installed_build,
+    VLLMInstallation,
     installed_version,
     set_env_defaults,
     start_failed,
@@ -96,11 +94,10 @@ class HTTPFaults:
     """Round every logprob to this many decimals, as a JSON encoder with a fixed precision would."""
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(VLLMInstallation):
     """A vLLM OpenAI-compatible server. Use :meth:`start` (or :meth:`attach`); close with :meth:`close`."""
 
     name: ClassVar[str] = "vllm-server"
-    default_kwargs: ClassVar[dict[str, Any]] = DEFAULT_KWARGS
     capabilities: ClassVar[frozenset[str]] = frozenset({VLLM_ENGINE_ARGS, HTTP})
 
     def __init__(
@@ -124,14 +121,6 @@ class VLLMServerEngine:
         """Why the server stopped answering (empty while healthy); the pool then starts a new one."""
         self._model = info.kwargs.get("served_model_name") or _served_model(self)
         self._tokenizer: Any = None
-
-    @classmethod
-    def installed(cls) -> Build:
-        return installed_build()
-
-    @classmethod
-    def validate_kwargs(cls, kwargs: dict[str, Any]) -> None:
-        validate_kwargs(kwargs)
 
     @classmethod
     def start(cls, model: str, kwargs: dict[str, Any], options: StartOptions | None = None) -> VLLMServerEngine:
