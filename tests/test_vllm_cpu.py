@@ -302,7 +302,7 @@ def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_
     assert re.search(r"engine starts: [2-9] \(.*\) on 2 workers", out), out[-3000:]
     assert out.count("golden rewritten: ") == 12
     run = json.loads(report.read_text())
-    assert len({s["worker"] for s in run["run"]["engine_starts"]}) == 2 and len(run["tests"]) == 12
+    assert len({s["worker"] for s in run["run"]["engine_starts"]}) == 2 and len(run["tests"]) == 15
     written = sorted((goldens / "cpu-float32" / "semantic").iterdir())
     assert [p.name for p in written] == sorted(p.name for p in committed.iterdir())  # no *.tmp left, nothing extra
     tolerance = numerics_for("float32").golden
