@@ -91,7 +91,8 @@ scheduling, ``hf_overrides``), so the inference-path checks can switch each path
 ENGINE_CORE = "engine-core"
 """Capability: the engine can run vLLM's engine core in the pytest process or in its own (``--rlparity-engine-core``)."""
 HTTP = "http"
-"""Capability: the engine answers over HTTP, so the checks of the JSON path apply."""
+"""Capability: the engine answers over HTTP. Informational (shown to your own tests through
+``session.supports``): the suite's transport checks run for every engine."""
 
 
 @dataclass(frozen=True)

