@@ -197,12 +197,12 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
     worse = measured["bfloat16"]["mean_abs"] / max(measured["float32"]["mean_abs"], 1e-12)
     head = (rlparity_session.engine_precision or ("float32", "float32"))[1]
     if head == "bfloat16" and worse >= HEAD_WORSE:
-        cause, hint = "lm_head precision", (
+        cause, hint = causes.LM_HEAD, (
             f"the bf16 lm_head is {worse:.1f}x further from the trainer than an fp32 head on the same model: "
             'set hf_overrides={"head_dtype": "float32"}'
         )
     else:
-        cause, hint = "beyond the precision floor", (
+        cause, hint = causes.BEYOND_FLOOR, (
             f"with a {head} lm_head the engine is further from the fp32 trainer than the model's bf16 floor allows, "
             f"and the head is not the reason (bf16 head {worse:.1f}x the fp32 head's mean |Δ|): check the engine's kernels"
         )
