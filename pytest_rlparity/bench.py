@@ -45,8 +45,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
+    kept = [a.split("=", 1)[1] for a in argv if a.startswith("--rlparity-report=")]
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
+        report = Path(kept[-1]) if kept else Path(tmp) / "report.json"  # the user's report, if they asked for one
         began = time.monotonic()
         rc = subprocess.run([sys.executable, "-m", "pytest", "--rlparity", f"--rlparity-report={report}", "-q", *argv]).returncode
         wall = time.monotonic() - began

@@ -64,6 +64,7 @@ PREFIX_CACHING = Cause("prefix caching", PATH, "try enable_prefix_caching=false;
 STALE_PREFIX_CACHE = Cause("stale prefix cache", PATH, "call reset_prefix_cache() after every weight update (or pause with clear_cache=True)")
 SCORING = Cause("scoring", PATH, "teacher-forced prompt logprobs differ from the trainer's: check the weights, dtype and lm_head precision")
 CHUNKED_PREFILL = Cause("chunked prefill", PATH, "try enable_chunked_prefill=false or a larger max_num_batched_tokens")
+BATCH_INVARIANCE = Cause("batch invariance", PATH, "VLLM_BATCH_INVARIANT=1 promises the same bits on every path: check that the flag reached every engine process (set it before vLLM is imported), then report the path to vLLM")
 BATCH_COMPOSITION = Cause("batch composition", PATH, "batch-dependent kernels: try VLLM_BATCH_INVARIANT=1 or a fixed max_num_seqs")
 SEEDED_SAMPLING = Cause("seeded sampling", PATH, "pass a per-request seed; check that nothing else consumes the generator")
 ASYNC_SCHEDULING = Cause("async_scheduling", PATH, "try async_scheduling=false", "async_scheduling=False")

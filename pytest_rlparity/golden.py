@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import causes
 from .errors import GoldenError
 from .files import safe_name, write_atomic
 from .numerics import GoldenTolerance
@@ -109,7 +110,7 @@ class GoldenStore:
         entry: dict[str, Any] = {"kind": "golden", "label": f"golden {path.parent.name}/{path.name}", "path": str(path)}
         if not path.exists():
             if self.mode == "off":
-                publish({**entry, "verdict": "fail", "findings": [{"cause": "golden", "message": "missing"}]})
+                publish({**entry, "verdict": "fail", "findings": [{"cause": str(causes.GOLDEN), "message": "missing"}]})
                 raise GoldenError(f"no golden at {path}{self._platforms_hint(path)}.\nRecord it with: {rerecord}")
             self._write(path, record, provenance)
             note = f"golden created: {path}"
@@ -137,9 +138,9 @@ class GoldenStore:
         if self.mode == "mismatch":
             self._write(path, record, provenance)
             note = f"golden re-recorded ({diff.problems[0]}): {path}"
-            publish({**entry, "verdict": "re-recorded", "note": note, "findings": [{"cause": "golden", "message": p} for p in diff.problems]})
+            publish({**entry, "verdict": "re-recorded", "note": note, "findings": [{"cause": str(causes.GOLDEN), "message": p} for p in diff.problems]})
             return note
-        publish({**entry, "verdict": "fail", "findings": [{"cause": "golden", "message": p} for p in diff.problems]})
+        publish({**entry, "verdict": "fail", "findings": [{"cause": str(causes.GOLDEN), "message": p} for p in diff.problems]})
         raise GoldenError(
             f"this run differs from the golden {path}:\n  - "
             + "\n  - ".join(diff.problems)

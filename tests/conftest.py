@@ -33,9 +33,11 @@ def run_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", RUN_TAG: str(os.getpid())}
 
 
-def run_pytest(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """Run pytest in a fresh interpreter, as a user would, and capture what it prints."""
-    env = run_env()
+def run_pytest(
+    *args: str, cwd: Path | None = None, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run pytest in a fresh interpreter, as a user would (with ``env`` added to the environment), and capture what it prints."""
+    env = {**run_env(), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
         cwd=cwd or REPO,

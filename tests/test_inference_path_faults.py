@@ -189,19 +189,32 @@ class TestOnVLLM:
         assert causes(report) == ["stale prefix cache"], report.message()
         assert "reused KV computed before update v1" in report.findings[0].message
 
-    def test_partial_reload_is_named(self, base, policy, prompts, tmp_path):
+    @pytest.mark.parametrize("skip", ["model.layers.1.", "tp0:model.layers.1."])
+    def test_partial_reload_is_named(self, base, policy, prompts, tmp_path, skip):
+        """Left out on every rank, or on rank 0 by name (tests/test_gpu.py leaves rank 1 out at TP=2)."""
         history = [policy.state()]
-        base.update_weights(step(policy, prompts, tmp_path, history), method="reload_tensors", skip_prefixes=["model.layers.1."])
+        base.update_weights(step(policy, prompts, tmp_path, history), method="reload_tensors", skip_prefixes=[skip])
         base.reset_prefix_cache()
         report = check_after_update(base, policy, history, prompts, GREEDY, Tolerance())
         assert causes(report) == ["partial update"], report.message()
         assert "model.layers.1.*" in report.findings[0].message
 
-    def test_clean_reload_passes(self, base, policy, prompts, tmp_path):
+    @pytest.mark.parametrize("skip", [(), ("tp1:model.layers.1.",)], ids=["all", "skip-on-a-rank-it-lacks"])
+    def test_clean_reload_passes(self, base, policy, prompts, tmp_path, skip):
         history = [policy.state()]
-        base.update_weights(step(policy, prompts, tmp_path, history), method="reload_tensors")
+        base.update_weights(step(policy, prompts, tmp_path, history), method="reload_tensors", skip_prefixes=skip)
         base.reset_prefix_cache()
         assert check_after_update(base, policy, history, prompts, GREEDY, Tolerance()).ok
+
+    def test_the_extensions_checksums_are_vllms(self, base):
+        """The witness for vLLM versions without compute_weight_checksums digests the same bytes under ``tp<rank>:``."""
+        ours = {k.partition(":")[2]: v for worker in base.llm.collective_rpc("rlparity_weight_checksums") for k, v in worker.items()}
+        vllms = {k.rpartition(":")[2]: v for worker in base.llm.collective_rpc("compute_weight_checksums") for k, v in worker.items()}
+        assert ours == vllms and len(ours) > 0
+
+    def test_transfer_without_a_backend_says_what_to_set(self, base, tmp_path):
+        with pytest.raises(EngineError, match="weight_transfer_config"):
+            base.update_weights(str(tmp_path), method="transfer")
 
     def in_flight(self, engine, policy, prompts, long_prompts, tmp_path, *, mode, clear_cache, push=True):
         history = [policy.state()]

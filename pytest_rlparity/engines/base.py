@@ -7,8 +7,9 @@ new engine (SGLang, a team's own server) is one class with four methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ..settings import SamplingSettings
@@ -51,8 +52,16 @@ class EngineInfo:
 
     @property
     def platform(self) -> str:
-        """Goldens are kept per platform: numerics differ between devices and dtypes."""
-        return f"{self.device}-{self.dtype}"
+        """Goldens are kept per platform: numerics differ between devices, dtypes and parallel layouts
+        (tensor parallelism reduces partial sums across ranks in another order): ``cuda-bfloat16-tp2``."""
+        layout = "".join(
+            f"-{short}{size}" for key, short in PARALLEL_LAYOUT if (size := int(self.kwargs.get(key) or 1)) > 1
+        )
+        return f"{self.device}-{self.dtype}{layout}"
+
+
+PARALLEL_LAYOUT = (("tensor_parallel_size", "tp"), ("pipeline_parallel_size", "pp"), ("data_parallel_size", "dp"))
+"""Engine kwargs that change a platform's numerics, with their short names in a platform."""
 
 
 @runtime_checkable
@@ -143,12 +152,37 @@ class WeightSync(Protocol):
     """An engine whose weights a trainer can replace while it runs."""
 
     def update_weights(self, directory: str, *, method: str = "reload_dir", skip_prefixes: Sequence[str] = ()) -> None:
-        """Load the weights a trainer saved in ``directory`` (safetensors)."""
+        """Load the weights a trainer saved in ``directory`` (safetensors). ``skip_prefixes`` leaves
+        tensors out, for fault tests: ``"model.layers.1."`` on every rank, ``"tp1:model.layers.1."``
+        on tensor-parallel rank 1 only (:func:`skips_on`)."""
         ...
 
     def reset_prefix_cache(self) -> None:
         """Forget cached KV, which was computed with the weights of its time."""
         ...
+
+
+def skips_on(rank: int, skip_prefixes: Sequence[str]) -> list[str]:
+    """The prefixes of ``skip_prefixes`` that apply on tensor-parallel ``rank``: unqualified ones, and
+    those written ``tp<rank>:prefix`` (a fault that leaves one rank's shards stale)."""
+    found = []
+    for prefix in skip_prefixes:
+        rank_part, colon, rest = prefix.partition(":")
+        if not colon or not rank_part.startswith("tp"):
+            found.append(prefix)
+        elif rank_part == f"tp{rank}":
+            found.append(rest)
+    return found
+
+
+def checkpoint_tensors(directory: str, skip_prefixes: Sequence[str]) -> Iterator[tuple[str, object]]:
+    """The ``(name, tensor)`` pairs of the safetensors files in ``directory``, less names under ``skip_prefixes``."""
+    from safetensors.torch import load_file
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        for name, tensor in load_file(str(path)).items():
+            if not any(name.startswith(p) for p in skip_prefixes):
+                yield name, tensor
 
 
 PauseMode = Literal["keep", "wait", "abort"]

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from .. import sampling
 from ..errors import EngineError
+from ..policy import Policy
 from ..settings import SamplingSettings
-from ..trainer.recompute import Trainer
-from .base import Build, Completion, EngineInfo, StartOptions, request_seed
+from .base import Build, Completion, EngineInfo, StartOptions, checkpoint_tensors, request_seed, skips_on
 
 KWARGS = {"dtype": "float32", "head_dtype": None, "logprobs_mode": "processed_logprobs"}
 """Every kwarg this engine understands, with its default."""
@@ -35,7 +34,7 @@ class HFEngine:
         self.validate_kwargs(kwargs)
         options = {**KWARGS, **kwargs}
         self.logprobs_mode = options["logprobs_mode"]
-        self.model = Trainer(model, dtype=options["dtype"], head_dtype=options["head_dtype"] or options["dtype"])
+        self.model = Policy(model, dtype=options["dtype"], head_dtype=options["head_dtype"] or options["dtype"])
         self.eos = self.model.tokenizer.eos_token_id
         self.info = EngineInfo(
             name="hf",
@@ -121,15 +120,12 @@ class HFEngine:
 
     def update_weights(self, directory: str, *, method: str = "reload_dir", skip_prefixes: Sequence[str] = ()) -> None:
         """Load the weights in ``directory``, leaving out tensors under ``skip_prefixes``."""
-        from safetensors.torch import load_file
-
         if method not in ("reload_dir", "reload_tensors"):
             raise EngineError(f"the hf engine updates weights with reload_dir or reload_tensors, not {method!r}")
         state = self.model.state()
-        for path in sorted(Path(directory).glob("*.safetensors")):
-            for name, tensor in load_file(str(path)).items():
-                if name in state and not any(name.startswith(p) for p in skip_prefixes):
-                    state[name] = tensor
+        for name, tensor in checkpoint_tensors(directory, skips_on(0, skip_prefixes)):
+            if name in state:
+                state[name] = tensor
         self.model.load_state(state)
 
     def reset_prefix_cache(self) -> None:

@@ -30,6 +30,9 @@ _stopping = threading.Event()
 INTERRUPT = signal.SIGUSR2
 """Sent to the main thread when an engine process dies under a call that waits on it."""
 
+RESEND_S = 2.0
+"""How often :data:`INTERRUPT` is sent again while the call it should end is still waiting."""
+
 
 class ProcessGroup:
     """The child processes an engine started: those not present when it was :meth:`mark`-ed."""
@@ -193,8 +196,7 @@ def _on_interrupt(signum: int, frame: object) -> None:
     if _timed_out:
         raise EngineTimedOut(_timed_out.pop())
     watch = next((w for w in _watching if w.died and w.armed), None)
-    if watch is not None:
-        watch.armed = False
+    if watch is not None:  # stays armed until its block ends: see death_watch's resends
         raise EngineDied(watch.died)
 
 
@@ -230,13 +232,19 @@ def death_watch(group: ProcessGroup, interval: float = 0.5) -> Iterator[DeathWat
         while not stop.wait(interval):
             if group.killed_by_watchdog or group not in _LIVE or _stopping.is_set():
                 return
-            gone = [pid for pid in names if not _running(pid)]
-            if gone:
+            if not watch.died:
+                gone = [pid for pid in names if not _running(pid)]
+                if not gone:
+                    continue
                 watch.died = ", ".join(f"{names[pid]} (pid {pid})" for pid in gone)
-                if interrupt and main is not None:
-                    watch.armed = True
-                    signal.pthread_kill(main, INTERRUPT)
-                return
+                if not interrupt or main is None:
+                    return
+                watch.armed = True
+            # Sent again until the block ends: a handler that runs while the main thread is in a
+            # finalizer (a __del__, a weakref callback) has its exception ignored, and the call
+            # would then wait on the dead engine forever (seen once in CI).
+            signal.pthread_kill(main, INTERRUPT)
+            stop.wait(RESEND_S)
 
     _watching.append(watch)
     thread = threading.Thread(target=poll, name="rlparity-death-watch", daemon=True)

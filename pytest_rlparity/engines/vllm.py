@@ -32,7 +32,9 @@ from .base import (
     EngineInfo,
     PauseMode,
     StartOptions,
+    checkpoint_tensors,
     request_seed,
+    skips_on,
 )
 from .processes import EngineDied, EngineOutput, EngineTimedOut, ProcessGroup, death_watch, watchdog
 
@@ -183,6 +185,8 @@ class VLLMEngine(VLLMInstallation):
         self.inline = inline
         """Whether the engine core runs in this process (see :data:`ENGINE_CORES`)."""
         self.request_timeout = request_timeout
+        self._sender: Any = None
+        """The trainer end of vLLM's weight transfer, set up at the first ``transfer`` update."""
         self._batches = itertools.count()
         self.dead = ""
         """Which engine process died under a call (empty while the engine is healthy)."""
@@ -260,12 +264,16 @@ class VLLMEngine(VLLMInstallation):
         ``reload_tensors``: ``reload_weights(weights_iterator=...)`` fed by the worker extension;
         ``skip_prefixes`` leaves tensors out (a partial update, for fault tests).
         ``write_parameters``: copy into ``named_parameters()`` (the naive path; a fault on CPU).
-        The last two need ``worker_extension_cls`` = :data:`~.vllm_worker.EXTENSION`. With it,
+        These two need ``worker_extension_cls`` = :data:`~.vllm_worker.EXTENSION`. With it,
         the reloads also re-tie a tied lm_head to the new embedding (vLLM keeps the old head).
+        ``transfer``: vLLM's weight-transfer API from trainer memory, with the backend of the
+        engine kwarg ``weight_transfer_config`` (:mod:`~.vllm_transfer`: ``nccl``, ``ipc``; GPU).
         """
         with self._answering(f"update_weights({method})"):
             if method == "reload_dir":
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+            elif method == "transfer":
+                self._transfer(directory, skip_prefixes)
             elif method in ("reload_tensors", "write_parameters"):
                 if "worker_extension_cls" not in self.info.kwargs:
                     raise EngineError(
@@ -275,7 +283,7 @@ class VLLMEngine(VLLMInstallation):
                 args = (str(directory), list(skip_prefixes)) if method == "reload_tensors" else (str(directory),)
                 self.llm.collective_rpc(WORKER_METHODS[method], args=args)
             else:
-                raise EngineError(f"unknown update method {method!r}: reload_dir, reload_tensors or write_parameters")
+                raise EngineError(f"unknown update method {method!r}: reload_dir, reload_tensors, write_parameters or transfer")
             if method != "write_parameters" and "worker_extension_cls" in self.info.kwargs:
                 self.llm.collective_rpc("rlparity_retie_lm_head")
 
@@ -287,12 +295,40 @@ class VLLMEngine(VLLMInstallation):
         scheduler = self.llm.llm_engine.vllm_config.scheduler_config
         return int(scheduler.max_num_batched_tokens) if scheduler.enable_chunked_prefill else None
 
-    def weight_checksums(self) -> dict[str, str]:
-        """SHA-256 per parameter as each worker holds it, keyed ``rank:name`` (vLLM's ``compute_weight_checksums``).
-        On CPU, linear layers repacked for the kernels show the digest of an empty tensor."""
-        with self._answering("compute_weight_checksums"):
+    def _transfer(self, directory: str, skip_prefixes: Sequence[str]) -> None:
+        """Send the tensors in ``directory`` (less ``skip_prefixes``, on every rank) through vLLM's weight transfer."""
+        from .vllm_transfer import WeightSender
+
+        if any(skips_on(0, skip_prefixes) != skips_on(rank, skip_prefixes) for rank in range(1, self.tensor_parallel_size)):
+            raise EngineError("a weight transfer sends the same tensors to every rank; skip on one rank with method='reload_tensors'")
+        if self._sender is None:
+            backend = (self.info.kwargs.get("weight_transfer_config") or {}).get("backend")
+            if backend is None:
+                raise EngineError(
+                    "update method 'transfer' needs the engine kwarg weight_transfer_config, e.g. "
+                    '\'{"backend": "nccl"}\' (or "ipc"), set when the engine starts'
+                )
+            self._sender = WeightSender(self.llm, backend, self.tensor_parallel_size)
+        self._sender.send(list(checkpoint_tensors(directory, skips_on(0, skip_prefixes))))
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.info.kwargs.get("tensor_parallel_size") or 1)
+
+    def weight_checksums(self) -> dict[str, str] | None:
+        """SHA-256 per parameter as each worker holds it, keyed ``rank:name``: vLLM's
+        ``compute_weight_checksums`` where the installed vLLM has it (after 0.26), else the worker
+        extension's; ``None`` with neither. On CPU, linear layers repacked for the kernels show the
+        digest of an empty tensor."""
+        if importlib.util.find_spec("vllm.model_executor.model_loader.weight_checksum") is not None:
+            method = "compute_weight_checksums"
+        elif "worker_extension_cls" in self.info.kwargs:
+            method = "rlparity_weight_checksums"
+        else:
+            return None
+        with self._answering(method):
             found: dict[str, str] = {}
-            for worker in self.llm.collective_rpc("compute_weight_checksums"):
+            for worker in self.llm.collective_rpc(method):
                 found.update(worker)
             return found
 

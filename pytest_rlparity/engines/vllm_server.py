@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from ..errors import EngineError
-from ..layers.semantic import JSON_FLOOR
 from ..settings import SamplingSettings
 from .base import (
     HTTP,
@@ -61,6 +60,9 @@ from .vllm import (
     start_timed_out,
     validate_kwargs,
 )
+
+JSON_FLOOR = -9999.0
+"""vLLM's OpenAI server writes a logprob of ``-inf`` (or NaN) as this in JSON."""
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """Runs the server as ``vllm serve`` does (``python -m``, so the ``vllm`` console script, which the

@@ -8,27 +8,20 @@ files that the trainer wrote, which is how a trainer and an engine on one host s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+
+from .base import checkpoint_tensors, skips_on
 
 EXTENSION = "pytest_rlparity.engines.vllm_worker.WeightSyncExtension"
-
-
-def _tensors(directory: str, skip_prefixes: Sequence[str]) -> Iterator[tuple[str, object]]:
-    from safetensors.torch import load_file
-
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        for name, tensor in load_file(str(path)).items():
-            if not any(name.startswith(p) for p in skip_prefixes):
-                yield name, tensor
 
 
 class WeightSyncExtension:
     """Methods added to every vLLM worker; ``self`` is the worker."""
 
     def rlparity_reload_from_tensors(self, directory: str, skip_prefixes: Sequence[str] = ()) -> int:
-        """In-place reload from an iterator of ``(name, tensor)``; names under ``skip_prefixes`` are left out."""
-        items = list(_tensors(directory, skip_prefixes))
+        """In-place reload from an iterator of ``(name, tensor)``; names under ``skip_prefixes`` are left out
+        (on this rank: :func:`~pytest_rlparity.engines.base.skips_on`)."""
+        items = list(checkpoint_tensors(directory, skips_on(_tp_rank(), skip_prefixes)))
         self.model_runner.reload_weights(weights_iterator=iter(items))
         return len(items)
 
@@ -49,6 +42,19 @@ class WeightSyncExtension:
         head.quant_method.process_weights_after_loading(head)
         return True
 
+    def rlparity_weight_checksums(self) -> dict[str, str]:
+        """SHA-256 of each parameter's bytes as this worker holds it, keyed ``tp<rank>:name``: what
+        vLLM's ``compute_weight_checksums`` (after 0.26) computes, for vLLM versions without it."""
+        import hashlib
+
+        import torch
+
+        rank = f"tp{_tp_rank()}:"
+        return {
+            rank + name: hashlib.sha256(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+            for name, param in self.model_runner.model.named_parameters()
+        }
+
     def rlparity_write_parameters(self, directory: str) -> int:
         """Copy tensors straight into ``named_parameters()``: the naive update a trainer might write.
 
@@ -60,9 +66,15 @@ class WeightSyncExtension:
         params = dict(self.model_runner.model.named_parameters())
         written = 0
         with torch.no_grad():
-            for name, tensor in _tensors(directory, ()):
+            for name, tensor in checkpoint_tensors(directory, ()):
                 target = params.get(name)
                 if target is not None and target.shape == tensor.shape:
                     target.copy_(tensor.to(target.dtype))
                     written += 1
         return written
+
+
+def _tp_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .. import causes
 from ..compare import Comparison, compare_logprobs, floor_summary
 from ..engines.base import Completion
+from ..engines.vllm_server import JSON_FLOOR
 from ..settings import SamplingSettings, Tolerance
 from .report import Finding, LayerReport
 
@@ -208,9 +209,6 @@ def _reported_tokens(completions: Sequence[Completion]) -> list[Finding]:
         )
     return findings
 
-
-JSON_FLOOR = -9999.0
-"""vLLM's OpenAI server writes a logprob of ``-inf`` (or NaN) as this in JSON."""
 
 ROUNDED_DECIMALS = 6
 """Logprobs that all equal themselves rounded to this many decimals were rounded on the way: an

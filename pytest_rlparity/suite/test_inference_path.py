@@ -14,6 +14,8 @@ import pytest
 from pytest_rlparity import causes
 from pytest_rlparity.compare import compare_logprobs, precision_floor
 from pytest_rlparity.engines.base import PAUSE_MODES, VLLM_ENGINE_ARGS
+from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
+from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
 from pytest_rlparity.model import CORPUS, tokens_of_length
@@ -263,20 +265,37 @@ def train_and_push(trainer, engine, directory, prompts, history, *, method="relo
 @ON_PATH_ENGINE
 @pytest.mark.parametrize("method", ["reload_dir", "reload_tensors"])
 def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method):
+    updates_reach(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method)
+
+
+@pytest.mark.xdist_group("transfer-engines")
+@pytest.mark.parametrize("backend", TRANSFER_BACKENDS)
+def test_weight_transfer_reaches_the_engine(
+    vllm_paths, rlparity_session, rlparity_engine_factory, policy, rlparity_prompts, rlparity_tolerance, tmp_path, backend
+):
+    """Updates pushed from the trainer's GPU memory through vLLM's weight-transfer API, as production RL does."""
+    reason = transfer_unavailable(backend, int(rlparity_session.engine_kwargs.get("tensor_parallel_size") or 1))
+    if reason is not None:
+        pytest.skip(reason)
+    engine = rlparity_engine_factory(**PATH_ENGINE, weight_transfer_config={"backend": backend})
+    updates_reach(engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, "transfer")
+
+
+def updates_reach(engine, policy, prompts, tolerance, tmp_path, method):
+    """Two optimizer steps pushed with ``method``; after each the engine must match the trainer, and its
+    weight checksums (where it has them) must have changed for every tensor the step changed."""
     trainer, base = policy
     trainer.load_state(base)
     history = [trainer.state()]
     for _ in range(2):
-        before = fresh_path_engine.weight_checksums()
-        train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history, method=method)
-        fresh_path_engine.reset_prefix_cache()
+        before = engine.weight_checksums()
+        train_and_push(trainer, engine, tmp_path, prompts, history, method=method)
+        engine.reset_prefix_cache()
         history.append(trainer.state())
-        moved, bound = policy_shift(trainer, history[-2], rlparity_prompts, rlparity_tolerance)
+        moved, bound = policy_shift(trainer, history[-2], prompts, tolerance)
         assert moved > 10 * bound, f"the step moved logprobs by only {moved:.2g} on average (bound {bound:.2g}): the check would be blind"
-        checksums = (before, fresh_path_engine.weight_checksums()) if before is not None else None
-        check_after_update(
-            fresh_path_engine, trainer, history, rlparity_prompts, GREEDY, rlparity_tolerance, checksums=checksums
-        ).raise_if_failed()
+        checksums = (before, engine.weight_checksums()) if before is not None else None
+        check_after_update(engine, trainer, history, prompts, GREEDY, tolerance, checksums=checksums).raise_if_failed()
 
 
 @ON_PATH_ENGINE

@@ -1,0 +1,121 @@
+"""The policy's forward pass, shared by the trainer and the transformers engine.
+
+A transformers model whose body runs in ``dtype`` and whose final projection (lm_head) can run
+in a wider ``head_dtype``, as MiniMax-M1 and ScaleRL do; teacher-forced logits, including the
+logits of a request that kept its KV across a weight update; and its weights as state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from . import sampling
+
+
+class Policy:
+    """A transformers copy of the policy: its forward pass and its weights."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "float32", head_dtype: str = "float32", device: str = "cpu") -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = str(model_dir)
+        self.dtype = dtype
+        self.head_dtype = head_dtype
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        """Whether the lm_head is the input embedding (one tensor here; an engine may hold two)."""
+        self._head: torch.Tensor | None = None
+
+    def logits(self, sequence: Sequence[int], *, grad: bool = False) -> torch.Tensor:
+        """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence``."""
+        with torch.set_grad_enabled(grad):
+            return self._forward(self._ids([list(sequence)]))[0]
+
+    def _ids(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.as_tensor(rows, device=self.device)
+
+    def _forward(self, ids: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
+        """float32 logits of ``ids`` (after the KV in ``past``, if any), and the KV cache grown by ``ids``."""
+        if self.head_dtype == self.dtype and self._head is None:
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=past is not None)
+            return out.logits[0].float(), out.past_key_values
+        out = self.model.get_decoder()(input_ids=ids, past_key_values=past, use_cache=past is not None)
+        head = self.model.get_output_embeddings().weight if self._head is None else self._head
+        dtype = getattr(torch, self.head_dtype)
+        return torch.nn.functional.linear(out.last_hidden_state[0].to(dtype), head.to(dtype)).float(), out.past_key_values
+
+    def completion_logits(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False, kv_from: tuple[dict[str, torch.Tensor], int] | None = None
+    ) -> torch.Tensor:
+        """Logits at the positions that predict each completion token: ``[len(token_ids), V]``.
+
+        ``kv_from=(state, k)`` computes them as an engine does for a request that kept its
+        KV across a weight update after sampling ``k`` tokens: the KV of the prompt and of
+        the first ``k - 1`` tokens comes from ``state`` (the old weights), everything after
+        from the current weights.
+        """
+        full = list(prompt_ids) + list(token_ids)
+        start = len(prompt_ids) - 1
+        if kv_from is None:
+            return self.logits(full[:-1], grad=grad)[start : start + len(token_ids)]
+        from transformers import DynamicCache
+
+        old, k = kv_from
+        boundary = len(prompt_ids) + k - 1
+        ids = self._ids([full[:-1]])
+        with torch.no_grad():
+            with self.weights(old):
+                before, cache = self._forward(ids[:, :boundary], DynamicCache())
+            after, _ = self._forward(ids[:, boundary:], cache)
+        return torch.cat([before, after])[start : start + len(token_ids)]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the weights in host memory: a history of versions must not crowd the GPU the engines share."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def weights(self, state: dict[str, torch.Tensor]) -> Iterator[Policy]:
+        """Run the block with ``state`` loaded, then put the current weights back."""
+        current = self.state()
+        self.load_state(state)
+        try:
+            yield self
+        finally:
+            self.load_state(current)
+
+    @contextlib.contextmanager
+    def head_from(self, state: dict[str, torch.Tensor]) -> Iterator[Policy]:
+        """Run the block with the lm_head of ``state`` and the current body: how an engine computes
+        that updated a tied model's embedding and kept its own copy of the head."""
+        name = next(n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight)
+        self._head = state[name].to(self.device)
+        try:
+            yield self
+        finally:
+            self._head = None
+
+    def save(self, directory: str | os.PathLike[str]) -> str:
+        """Write the weights as safetensors, the form vLLM's ``reload_weights`` reads."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+        return str(directory)
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Raw teacher-forced logprobs of tokens ``1..n-1`` of each sequence (engine ``score`` twin)."""
+        out = []
+        for seq in sequences:
+            logits = self.logits(list(seq)[:-1])
+            tokens = self._ids([list(seq)[1:]]).T
+            out.append(sampling.raw_logprobs(logits).gather(1, tokens).squeeze(1).tolist())
+        return out

@@ -1,0 +1,141 @@
+"""Past one GPU: tensor parallelism, vLLM's weight-transfer engines, the batch-invariant tier.
+
+Skipped without CUDA GPUs and vLLM built for them. On a machine with two GPUs:
+
+    pytest tests/test_gpu.py
+
+Engines run the GPU profile (``profiles/gpu-bf16.toml``: bf16, compiled, fp32 lm_head) and are
+judged against the fp32 trainer with the bf16 numerics, as the suite judges them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+
+import pytest
+import torch
+
+from pytest_rlparity.engines.base import StartOptions
+from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine, installed_build
+from pytest_rlparity.engines.vllm_transfer import unavailable
+from pytest_rlparity.engines.vllm_worker import EXTENSION
+from pytest_rlparity.layers.bitwise import FLAG
+from pytest_rlparity.layers.inference_path import check_after_update
+from pytest_rlparity.numerics import numerics_for
+from pytest_rlparity.trainer.recompute import Trainer
+from tests.conftest import REPO, run_pytest
+from tests.test_inference_path_faults import GREEDY, causes, step
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = pytest.mark.skipif(
+    GPUS == 0 or installed_build().device != "cuda", reason="needs a CUDA GPU and vLLM built for CUDA"
+)
+
+PROFILE = tomllib.loads((REPO / "profiles" / "gpu-bf16.toml").read_text())["engine_kwargs"]
+BF16 = numerics_for("bfloat16").tolerance
+
+
+def gpu_kwargs(**overrides):
+    return {**DEFAULT_KWARGS, **PROFILE, "enable_prefix_caching": True, "worker_extension_cls": EXTENSION, **overrides}
+
+
+@pytest.fixture(scope="module")
+def gpu_policy(tiny_model):
+    """The fp32 trainer with a twin in the engine's precision (bf16 body, fp32 head): the calibrated floor."""
+    return Trainer(tiny_model, device="cuda", twin=("bfloat16", "float32"))
+
+
+@pytest.fixture
+def policy(gpu_policy, tiny_model):
+    gpu_policy.load_state(Trainer(tiny_model).state())
+    return gpu_policy
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_model):
+    if GPUS < 2:
+        pytest.skip(f"tensor parallelism 2 needs 2 GPUs; {GPUS} visible")
+    with VLLMEngine.start(str(tiny_model), gpu_kwargs(tensor_parallel_size=2)) as engine:
+        yield engine
+
+
+def update_and_check(engine, policy, prompts, tmp_path, history, **update):
+    """One optimizer step pushed into ``engine``; the after-update check with the engine's checksums as witness."""
+    before = engine.weight_checksums()
+    engine.update_weights(step(policy, prompts, tmp_path, history), **update)
+    engine.reset_prefix_cache()
+    return check_after_update(engine, policy, history, prompts, GREEDY, BF16, checksums=(before, engine.weight_checksums()))
+
+
+class TestTensorParallel:
+    def test_platform_names_the_layout(self, tp2):
+        assert tp2.info.platform == "cuda-bfloat16-tp2"
+
+    def test_updates_reach_both_ranks(self, tp2, policy, tiny_model, prompts, tmp_path):
+        tp2.update_weights(str(tiny_model))
+        history = [policy.state()]
+        for _ in range(2):
+            report = update_and_check(tp2, policy, prompts, tmp_path, history, method="reload_tensors")
+            assert report.ok, report.message()
+
+    def test_one_rank_left_stale_is_named_with_its_rank(self, tp2, policy, tiny_model, prompts, tmp_path):
+        tp2.update_weights(str(tiny_model))
+        history = [policy.state()]
+        report = update_and_check(
+            tp2, policy, prompts, tmp_path, history, method="reload_tensors", skip_prefixes=["tp1:model.layers.1."]
+        )
+        assert "partial update" in causes(report), report.message()
+        witness = next(f.message for f in report.findings if "checksums" in f.message)
+        assert "tp1" in witness and "model.layers.1." in witness and "tp0" not in witness, witness
+
+
+@pytest.mark.parametrize("backend,tp", [("nccl", 1), ("ipc", 1), ("nccl", 2), ("ipc", 2)])
+def test_weight_transfer_clean_and_with_a_skipped_tensor(backend, tp, tiny_model, policy, prompts, tmp_path):
+    """vLLM's weight-transfer API from trainer GPU memory: clean updates pass, a tensor left out is a partial update."""
+    reason = unavailable(backend, tp)
+    if reason is not None:
+        pytest.skip(reason)
+    kwargs = gpu_kwargs(tensor_parallel_size=tp, weight_transfer_config={"backend": backend})
+    with VLLMEngine.start(str(tiny_model), kwargs, StartOptions(engine_core="process")) as engine:
+        history = [policy.state()]
+        report = update_and_check(engine, policy, prompts, tmp_path, history, method="transfer")
+        assert report.ok, report.message()
+        report = update_and_check(engine, policy, prompts, tmp_path, history, method="transfer", skip_prefixes=["model.layers.1.mlp."])
+        assert "partial update" in causes(report), report.message()
+        assert "model.layers.1.mlp" in report.message()
+
+
+def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path, tiny_model, prompts):
+    """The tier's suite test with ``VLLM_BATCH_INVARIANT=1`` (0 differing bits on every path), and the same
+    measurement in this process without the flag, where batch-dependent kernels must show up somewhere."""
+    from pytest_rlparity.model import CORPUS, tokens_of_length
+    from pytest_rlparity.suite.test_batch_invariance import LONG, measure_paths
+
+    report_path = tmp_path / "report.json"
+    result = run_pytest(
+        "--rlparity", "pytest_rlparity/suite/test_batch_invariance.py", "--rlparity-profile", "profiles/gpu-bf16.toml",
+        f"--rlparity-report={report_path}", "-s", env={FLAG: "1"},
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    on = [c for t in json.loads(report_path.read_text())["tests"] for c in t.get("checks", []) if c.get("kind") == "bitwise"]
+    print("with the flag:", json.dumps(on, indent=1))
+
+    assert os.environ.get(FLAG) != "1", "the control needs this process without the flag"
+    engines = []
+
+    def factory(engine_core="process", **overrides):
+        engines.append(VLLMEngine.start(str(tiny_model), gpu_kwargs(**overrides), StartOptions(engine_core=engine_core)))
+        return engines[-1]
+
+    trainer = Trainer(tiny_model)
+    prefix = tokens_of_length(trainer.tokenizer, LONG)
+    long_prompts = [prefix + trainer.tokenizer(f" {i}", add_special_tokens=False).input_ids for i in range(len(CORPUS[:6]))]
+    try:
+        off = measure_paths(factory, prompts, long_prompts)
+    finally:
+        for engine in engines:
+            engine.close()
+    print("without the flag:", [d.entry() for d in off])
+    assert any(not d.equal for d in off), f"no path differs without {FLAG}: the tier's control shows nothing on this model"
