@@ -43,13 +43,18 @@ def test_bits_are_counted_up_to_where_tokens_diverge():
     assert not found.equal and bit_difference("y", [[-1.0]], [[-1.0]]).equal
 
 
-def test_the_tier_fails_with_the_flag_and_only_reports_without_it():
-    differing = [bit_difference("batch 1 vs N", [[-1.0]], [[-1.5]]), bit_difference("request order", [[-1.0]], [[-1.0]])]
+def test_the_tier_fails_promised_paths_with_the_flag_and_only_reports_the_rest():
+    differing = [
+        bit_difference("batch 1 vs N", [[-1.0]], [[-1.5]]),
+        bit_difference("request order", [[-1.0]], [[-1.0]]),
+        bit_difference("chunked vs whole prefill", [[-1.0]], [[-1.25]]),
+    ]
     published = []
     with collecting(lambda entry, _: published.append(entry)):
         check_bitwise(differing, invariant=False, label="control")
         with pytest.raises(ParityError, match=r"batch 1 vs N: 1 of 1 logprobs differ") as failure:
             check_bitwise(differing, invariant=True, label="tier")
-    assert failure.value.cause == "batch invariance" and "request order" not in str(failure.value)
+    assert failure.value.cause == "batch invariance"
+    assert "request order" not in str(failure.value) and "chunked" not in str(failure.value)
     assert [e["verdict"] for e in published] == ["pass", "fail"]
-    assert published[0]["paths"][0]["differing"] == 1
+    assert published[0]["paths"][0]["differing"] == 1 and published[0]["paths"][2]["promised"] is False
