@@ -1,12 +1,14 @@
-"""Files the plugin writes (goldens, reports, plots): atomic, with the user's permissions, safe names."""
+"""Files the plugin writes (goldens, reports, plots): atomic, with the user's permissions, safe names, JSON that holds every float."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -41,3 +43,14 @@ def safe_name(text: str, limit: int | None = None) -> str:
     if limit is not None and len(name) > limit:
         name = name[: limit - 9] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
     return name
+
+
+def jsonable(value: Any) -> Any:
+    """Floats that JSON can hold (inf/nan as strings), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,6 +17,11 @@ from .layers import LAYERS
 from .numerics import numerics_for
 from .session import RLParitySession
 from .settings import Tolerance
+
+if TYPE_CHECKING:
+    from .engines.base import EngineInfo
+    from .engines.pool import EngineHandle
+    from .trainer.recompute import Trainer
 
 SESSION_KEY = pytest.StashKey[RLParitySession]()
 
@@ -37,19 +42,34 @@ def rlparity_session(request: pytest.FixtureRequest) -> RLParitySession:
 
 
 @pytest.fixture(scope="session")
-def rlparity_engine(rlparity_session: RLParitySession) -> Any:
-    """The engine under test with the session's kwargs (defaults, ini, profile, command line)."""
+def rlparity_engine(rlparity_session: RLParitySession) -> EngineHandle:
+    """The engine under test with the session's kwargs (defaults, ini, profile, command line).
+
+    Example::
+
+        def test_greedy(rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
+            settings = SamplingSettings(temperature=0.0, max_tokens=16)
+            completions = rlparity_engine.generate(rlparity_prompts, settings)
+            trainer = rlparity_trainer.recompute(completions, settings)
+            assert_logprobs_close([c.logprobs for c in completions], trainer.processed, rlparity_tolerance)
+    """
     return rlparity_session.engine()
 
 
 @pytest.fixture(scope="session")
-def rlparity_engine_factory(rlparity_session: RLParitySession) -> Callable[..., Any]:
-    """``factory(**kwarg_overrides)`` -> a running engine; engines are shared per configuration."""
+def rlparity_engine_factory(rlparity_session: RLParitySession) -> Callable[..., EngineHandle]:
+    """``factory(**kwarg_overrides)`` -> a running engine with the session's kwargs and these on top;
+    engines are shared per configuration and closed at the end of the session.
+
+    :param kwarg_overrides: engine kwargs, e.g. ``factory(enable_prefix_caching=True)``;
+        ``engine_core="process"`` runs a vLLM engine core in a process of its own;
+        ``model="path/to/dir"`` serves another local model.
+    """
     return rlparity_session.engine
 
 
 @pytest.fixture(scope="session")
-def rlparity_trainer(rlparity_session: RLParitySession) -> Any:
+def rlparity_trainer(rlparity_session: RLParitySession) -> Trainer:
     """The trainer in fp32 (body and lm_head) on the engine's device: the recompute the engine must match.
 
     For a bf16/fp16 engine it carries a precision twin (``Recompute.floor``, ``score_floor``):
@@ -59,9 +79,15 @@ def rlparity_trainer(rlparity_session: RLParitySession) -> Any:
 
 
 @pytest.fixture(scope="session")
-def rlparity_trainer_factory(rlparity_session: RLParitySession) -> Callable[..., Any]:
-    """``factory(dtype="bfloat16", head_dtype="float32", model_dir=None, twin="engine")`` -> a trainer with that
-    numerical path (``twin``: the precision twin's ``(dtype, head_dtype)``, ``None``, or the engine's)."""
+def rlparity_trainer_factory(rlparity_session: RLParitySession) -> Callable[..., Trainer]:
+    """``factory(dtype="float32", head_dtype=None, model_dir=None, twin="engine")`` -> a trainer with that
+    numerical path, shared per configuration.
+
+    :param dtype: the body's dtype, e.g. ``"bfloat16"``.
+    :param head_dtype: the lm_head's dtype (default: ``dtype``), e.g. ``"float32"`` as MiniMax-M1 computes it.
+    :param model_dir: another local model directory (default: the session's model).
+    :param twin: the precision twin's ``(dtype, head_dtype)``, ``None`` for none, or ``"engine"``: the engine's.
+    """
     return rlparity_session.trainer
 
 
@@ -72,7 +98,7 @@ def rlparity_tolerance(rlparity_session: RLParitySession) -> Tolerance:
 
 
 @pytest.fixture(scope="session")
-def rlparity_prompts(rlparity_trainer: Any) -> list[list[int]]:
+def rlparity_prompts(rlparity_trainer: Trainer) -> list[list[int]]:
     """Built-in prompts as token ids: the start of each sentence of the embedded corpus."""
     from .model import CORPUS
 
@@ -86,13 +112,20 @@ class GoldenCheck:
         self.session = session
         self.node = node
 
-    def path(self, info: Any, name: str | None = None) -> Path:
+    def path(self, info: EngineInfo, name: str | None = None) -> Path:
         """Where this test's golden lives for ``info``'s platform."""
         layer = next((m for m in LAYERS if self.node.get_closest_marker(m)), "custom")
         return self.session.goldens.path_for(info.platform, layer, name or self.node.name)
 
-    def check(self, record: GoldenRecord, info: Any, name: str | None = None) -> None:
-        """Compare with (or, when updating, write) the golden for this test on ``info``'s platform."""
+    def check(self, record: GoldenRecord, info: EngineInfo, name: str | None = None) -> None:
+        """Compare with (or, when updating, write) the golden for this test on ``info``'s platform.
+
+        :param record: what to keep, e.g. ``record_from(completions, comparison, settings.to_dict())``
+            (:func:`~pytest_rlparity.golden.record_from`).
+        :param info: the engine's :class:`~pytest_rlparity.engines.base.EngineInfo` (its platform picks the directory).
+        :param name: the golden's file name when a test keeps more than one (default: the test's name).
+        """
+        __tracebackhide__ = True
         self.session.goldens.check(
             self.path(info, name),
             record,

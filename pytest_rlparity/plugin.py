@@ -32,7 +32,8 @@ from .fixtures import (  # noqa: F401  (fixtures are registered by being importe
     rlparity_trainer_factory,
 )
 from .layers import LAYER_DOC, LAYERS
-from .session import Outcome, RLParitySession
+from .record import Outcome, RunRecord
+from .session import RLParitySession
 
 CAUSE_KEY = "rlparity_cause"
 HEADLINE_KEY = "rlparity_headline"
@@ -109,7 +110,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if options.enabled:
         session = RLParitySession(options, worker=hasattr(config, "workerinput"))
         config.stash[SESSION_KEY] = session
-        config.pluginmanager.register(OutcomeRecorder(session), "rlparity-outcomes")
+        config.pluginmanager.register(OutcomeRecorder(session.record), "rlparity-outcomes")
         _interrupt_on_sigterm()
 
 
@@ -138,7 +139,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     parity = get_session(item.config)
     if parity is None:
         return (yield)
-    with parity.collecting(item.nodeid) as checks:
+    with parity.record.collecting(item.nodeid) as checks:
         try:
             return (yield)
         finally:
@@ -177,18 +178,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 class OutcomeRecorder:
     """Records each parity test's outcome under its layer (also on the xdist controller)."""
 
-    def __init__(self, session: RLParitySession) -> None:
-        self.session = session
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
         self.spent: dict[str, float] = {}
         """Seconds per test over its phases so far: set-up (where engines start) counts."""
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
             if key == STARTS_KEY:
-                self.session.engine_starts += value
+                self.record.engine_starts += value
         self.spent[report.nodeid] = self.spent.get(report.nodeid, 0.0) + report.duration
         if report.when == "teardown":
-            recorded = next((o for o in reversed(self.session.outcomes) if o.nodeid == report.nodeid), None)
+            recorded = next((o for o in reversed(self.record.outcomes) if o.nodeid == report.nodeid), None)
             if recorded is not None:
                 recorded.duration = self.spent[report.nodeid]
         if not (report.when == "call" or (report.when == "setup" and not report.passed)):
@@ -197,7 +198,7 @@ class OutcomeRecorder:
         if layer is None and "rlparity" not in report.keywords:
             return
         props = dict(report.user_properties)
-        self.session.outcomes.append(
+        self.record.outcomes.append(
             Outcome(
                 report.nodeid,
                 layer or "custom",
@@ -216,7 +217,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if parity is not None:
         parity.close()
         if not hasattr(session.config, "workerinput"):
-            parity.write_report()
+            parity.record.write_report(parity.run_info())
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
@@ -224,7 +225,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     parity = get_session(config)
     if parity is None:
         return
-    lines = parity.summary()
+    lines = parity.record.summary()
     if lines:
         terminalreporter.section("rlparity: results by layer (lowest first)")
         for line in lines:

@@ -54,22 +54,22 @@ class Policy:
         return torch.nn.functional.linear(out.last_hidden_state[0].to(dtype), head.to(dtype)).float(), out.past_key_values
 
     def completion_logits(
-        self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False, kv_from: tuple[dict[str, torch.Tensor], int] | None = None
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False, old_kv: tuple[dict[str, torch.Tensor], int] | None = None
     ) -> torch.Tensor:
         """Logits at the positions that predict each completion token: ``[len(token_ids), V]``.
 
-        ``kv_from=(state, k)`` computes them as an engine does for a request that kept its
+        ``old_kv=(state, k)`` computes them as an engine does for a request that kept its
         KV across a weight update after sampling ``k`` tokens: the KV of the prompt and of
         the first ``k - 1`` tokens comes from ``state`` (the old weights), everything after
         from the current weights.
         """
         full = list(prompt_ids) + list(token_ids)
         start = len(prompt_ids) - 1
-        if kv_from is None:
+        if old_kv is None:
             return self.logits(full[:-1], grad=grad)[start : start + len(token_ids)]
         from transformers import DynamicCache
 
-        old, k = kv_from
+        old, k = old_kv
         boundary = len(prompt_ids) + k - 1
         ids = self._ids([full[:-1]])
         with torch.no_grad():

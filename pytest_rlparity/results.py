@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from . import causes, frameworks
+from .files import jsonable
 
 if TYPE_CHECKING:
     from .compare import Comparison
@@ -51,17 +51,6 @@ def collecting(sink: Sink) -> Iterator[None]:
         yield
     finally:
         _sink.reset(token)
-
-
-def jsonable(value: Any) -> Any:
-    """Floats that JSON can hold (inf/nan as strings), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ...]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .files import jsonable
+
 GREEDY_EPS = 1e-5
 """Temperatures below this are greedy, as in vLLM's sampler (``_SAMPLING_EPS``)."""
 
@@ -61,7 +63,7 @@ class SamplingSettings:
         return ",".join(parts) or "default"
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 FLOOR_STATS = ("max_abs", "mean_abs", "mean_offset", "k3_kl", "prob_diff_mean", "out_of_support")
@@ -159,11 +161,3 @@ def _short(value: Any) -> str:
     if isinstance(value, tuple):
         return "|".join(map(str, value))
     return str(value)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value

@@ -8,8 +8,8 @@ import pytest
 
 from pytest_rlparity import causes
 from pytest_rlparity.layers import LAYERS
+from pytest_rlparity.record import Outcome
 from pytest_rlparity.results import advice_for, build_report
-from pytest_rlparity.session import Outcome
 
 FAILING_RUN = """
     import pytest

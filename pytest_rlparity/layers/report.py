@@ -48,6 +48,7 @@ class LayerReport:
 
     def raise_if_failed(self) -> None:
         """Publish the check to the run's report, then raise if anything was found."""
+        __tracebackhide__ = True
         publish(self.comparison.entry(self.label, self.layer, self.findings), self.comparison)
         if not self.ok:
             first = self.findings[0]

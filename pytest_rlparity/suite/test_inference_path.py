@@ -16,17 +16,17 @@ from pytest_rlparity.compare import compare_logprobs, precision_floor
 from pytest_rlparity.engines.base import PAUSE_MODES, VLLM_ENGINE_ARGS
 from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
 from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
-from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
 from pytest_rlparity.model import CORPUS, tokens_of_length
 from pytest_rlparity.settings import SamplingSettings
+from pytest_rlparity.suite import UPDATE_ENGINE
 
 pytestmark = pytest.mark.inference_path
 
 # Each test names the engine configuration it uses as its xdist group: with
 # `pytest -n N --dist loadgroup` the configurations start side by side, one per worker.
 ON_SESSION_ENGINE = pytest.mark.xdist_group("session-engine")
-ON_PATH_ENGINE = pytest.mark.xdist_group("path-engine")
+ON_UPDATE_ENGINE = pytest.mark.xdist_group("path-engine")
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=16)
 SAMPLED = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24)
@@ -34,9 +34,6 @@ IN_FLIGHT = SamplingSettings(temperature=0.8, top_k=40, max_tokens=40, ignore_eo
 PAUSE_AFTER = 16
 """Tokens each request samples before the pause: enough for bf16 means over the aborted
 requests' tokens alone, and few enough that every request is still running."""
-PATH_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION, "engine_core": "process"}
-"""One engine for the cached path and for weight updates (tests reset it to base weights); its core
-runs in a process of its own, which a ``wait`` pause needs."""
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +65,7 @@ def long_prompts(rlparity_trainer) -> list[list[int]]:
 @pytest.fixture
 def fresh_path_engine(vllm_paths, rlparity_engine_factory, rlparity_session):
     """The engine with prefix caching and the update extension, at base weights, cache empty."""
-    engine = rlparity_engine_factory(**PATH_ENGINE)
+    engine = rlparity_engine_factory(**UPDATE_ENGINE)
     engine.update_weights(str(rlparity_session.model_dir))
     engine.reset_prefix_cache()
     return engine
@@ -218,7 +215,7 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
         assert worse >= HEAD_WORSE, f"a bf16 head is only {worse:.2f}x worse on the large-logits model: this check cannot see head precision"
 
 
-@ON_PATH_ENGINE
+@ON_UPDATE_ENGINE
 def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_session, rlparity_trainer, long_prompts, rlparity_tolerance):
     cold = fresh_path_engine.generate(long_prompts, GREEDY)
     warm = fresh_path_engine.generate(long_prompts, GREEDY)
@@ -262,7 +259,7 @@ def train_and_push(trainer, engine, directory, prompts, history, *, method="relo
     engine.update_weights(trainer.save(directory / f"v{len(history)}"), method=method)
 
 
-@ON_PATH_ENGINE
+@ON_UPDATE_ENGINE
 @pytest.mark.parametrize("method", ["reload_dir", "reload_tensors"])
 def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method):
     updates_reach(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method)
@@ -277,7 +274,7 @@ def test_weight_transfer_reaches_the_engine(
     reason = transfer_unavailable(backend, int(rlparity_session.engine_kwargs.get("tensor_parallel_size") or 1))
     if reason is not None:
         pytest.skip(reason)
-    engine = rlparity_engine_factory(**PATH_ENGINE, weight_transfer_config={"backend": backend})
+    engine = rlparity_engine_factory(**UPDATE_ENGINE, weight_transfer_config={"backend": backend})
     updates_reach(engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, "transfer")
 
 
@@ -298,7 +295,7 @@ def updates_reach(engine, policy, prompts, tolerance, tmp_path, method):
         check_after_update(engine, trainer, history, prompts, GREEDY, tolerance, checksums=checksums).raise_if_failed()
 
 
-@ON_PATH_ENGINE
+@ON_UPDATE_ENGINE
 def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path):
     trainer, base = policy
     trainer.load_state(base)
@@ -310,7 +307,7 @@ def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_pr
     check_after_update(fresh_path_engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
-@ON_PATH_ENGINE
+@ON_UPDATE_ENGINE
 @pytest.mark.parametrize("mode", PAUSE_MODES)
 def test_requests_in_flight_across_an_update(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path, mode):
     """Pause with ``mode`` and clear_cache=True, take an optimizer step, push it, resume.

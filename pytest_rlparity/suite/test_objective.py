@@ -13,17 +13,14 @@ from __future__ import annotations
 import pytest
 
 from pytest_rlparity.engines.base import VLLM_ENGINE_ARGS
-from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.golden import GoldenRecord, load
 from pytest_rlparity.layers.objective import check_learns, check_on_policy, curve_summaries, curves
 from pytest_rlparity.model import CORPUS
 from pytest_rlparity.plots import plot_curves
 from pytest_rlparity.results import publish
+from pytest_rlparity.suite import UPDATE_ENGINE
 
 pytestmark = [pytest.mark.objective, pytest.mark.xdist_group("rl-engine")]
-
-RL_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION}
-"""Shared with the inference-path weight-update checks, so no extra engine start."""
 
 RECORDED_SEEDS = 4
 """Runs (seeds) a golden is recorded from: the band a later run, on any machine, must land in."""
@@ -33,7 +30,7 @@ SEED_STRIDE = 1_000_003
 
 @pytest.fixture
 def rl_engine(rlparity_session, rlparity_engine_factory):
-    engine = rlparity_engine_factory(**(RL_ENGINE if rlparity_session.supports(VLLM_ENGINE_ARGS) else {}))
+    engine = rlparity_engine_factory(**(UPDATE_ENGINE if rlparity_session.supports(VLLM_ENGINE_ARGS) else {}))
     engine.update_weights(str(rlparity_session.model_dir))
     engine.reset_prefix_cache()
     return engine
@@ -61,7 +58,7 @@ def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_en
         prompts = [trainer.tokenizer(" ".join(s.split()[:3])).input_ids for s in CORPUS[:4]]
         config = RLConfig(loss=loss, seed=seed, lr=width_scaled_lr(trainer))
         history = RLLoop(rl_engine, trainer, prompts, config, word_start_reward(trainer.tokenizer)).run()
-        check_on_policy(history, numerics.on_policy, downstream_of=rlparity_session.failures_below("objective"))
+        check_on_policy(history, numerics.on_policy, downstream_of=rlparity_session.record.failures_below("objective"))
         check_learns(history)
         runs.append(history)
     sampling = {"loss": loss, **RLConfig().sampling.to_dict()}
@@ -75,7 +72,7 @@ def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_en
         record.curves,
         golden["curves"] if golden else None,
         numerics.golden.curve_bands,
-        str(rlparity_session.artifact_path(f"objective-{loss}.png")),
+        str(rlparity_session.record.artifact_path(f"objective-{loss}.png")),
     )
     publish({"kind": "plot", "label": f"{loss} curves against their golden", "plot": plot})
     rlparity_golden.check(record, info)

@@ -88,7 +88,7 @@ class Trainer(Policy):
             ids = ids.clamp(0, self.vocab_size - 1)
             split = c.tokens_before_update
             stale = (kv_from, split) if kv_from is not None and split is not None and 0 < split < len(c.token_ids) else None
-            logits = self.completion_logits(c.prompt_ids, ids.tolist(), kv_from=stale)
+            logits = self.completion_logits(c.prompt_ids, ids.tolist(), old_kv=stale)
             lp = sampling.processed_logprobs(logits, settings, c.prompt_ids, ids.tolist())
             processed.append(_gather(lp, ids, invalid))
             raw.append(_gather(sampling.raw_logprobs(logits), ids, invalid))

@@ -1,0 +1,142 @@
+"""What a parity run found, and how it is told: outcomes by layer, engine starts, the summary and the JSON report.
+
+Filled by the plugin's hooks (also on the pytest-xdist controller, from every worker's reports);
+the resources that produced the results live in :mod:`pytest_rlparity.session`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import frameworks, results
+from .config import Options
+from .files import safe_name, write_atomic
+from .layers import LAYER_DOC, LAYERS
+
+if TYPE_CHECKING:
+    from .compare import Comparison
+
+
+@dataclass
+class Outcome:
+    """The result of one parity test, for the layered summary."""
+
+    nodeid: str
+    layer: str
+    outcome: str
+    cause: str | None = None
+    headline: str = ""
+    duration: float = 0.0
+    """Seconds over set-up, call and teardown (engines start in set-up)."""
+    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """What the test's checks published (see :mod:`pytest_rlparity.results`)."""
+
+
+class RunRecord:
+    """Every parity test's outcome, the run's engine starts, and their rendering."""
+
+    def __init__(self, options: Options, *, worker: bool = False) -> None:
+        self.options = options
+        self.worker = worker
+        self.outcomes: list[Outcome] = []
+        self.engine_starts: list[dict[str, Any]] = []
+        """Every engine start of the run, as test reports carry them (from every xdist worker)."""
+        self.report_written: Path | None = None
+
+    @contextlib.contextmanager
+    def collecting(self, nodeid: str) -> Iterator[list[dict[str, Any]]]:
+        """Collect what the checks of one test publish; a failing comparison also gets its plot."""
+        entries: list[dict[str, Any]] = []
+
+        def sink(entry: dict[str, Any], comparison: Comparison | None) -> None:
+            if comparison is not None and entry.get("verdict") == "fail":
+                from .plots import plot_comparison
+
+                name = f"{safe_name(nodeid, limit=120)}-{len(entries)}.png"
+                title = f"{nodeid.rsplit('::', 1)[-1]}: {entry.get('label', '')}"
+                entry["plot"] = plot_comparison(comparison, title, str(self.artifact_path(name)))
+            entries.append(entry)
+
+        with results.collecting(sink):
+            yield entries
+
+    def write_report(self, run_info: dict[str, Any]) -> Path | None:
+        """The JSON report of the run (``rlparity_report``), written atomically."""
+        if self.options.report is None or not self.outcomes:
+            return None
+        report = results.build_report(run_info, self.outcomes, LAYERS)
+        write_atomic(self.options.report, results.dump_report(report))
+        self.report_written = self.options.report
+        return self.report_written
+
+    def summary(self) -> list[str]:
+        """Results grouped by layer, lowest first, with each failure's likely cause."""
+        lines = []
+        report = results.build_report({}, self.outcomes, LAYERS)
+        for layer, row in report["layers"].items():
+            lines.append(
+                f"{layer:<15} {'FAILED' if row['failed'] else 'ok':<7} {row['passed']} passed, {row['failed']} failed, "
+                f"{row['skipped']} skipped" + (f"  - {LAYER_DOC[layer]}" if layer in LAYER_DOC else "")
+            )
+            for test in report["tests"]:
+                if test["layer"] != layer or test["outcome"] != "failed":
+                    continue
+                below = test["downstream_of"]
+                downstream = f" (probably downstream of the failing {', '.join(below)} layer)" if below else ""
+                cause = f" [{test['cause']}]" if test["cause"] else ""
+                lines.append(f"    FAILED {test['nodeid']}{cause}{downstream}")
+                if test["headline"]:
+                    lines.append(f"        {test['headline']}")
+                if test["advice"] and not below:
+                    lines.append(f"        try: {test['advice']}")
+                lines += [f"        plot: {c['plot']}" for c in test["checks"] if c.get("plot")]
+        if report["frameworks"]:
+            lines.append("RL frameworks' own mismatch metrics, engine vs trainer (semantic layer), against their alarm thresholds:")
+            lines += frameworks.table(report["frameworks"])
+        if self.engine_starts:
+            secs = ", ".join(f"{s['seconds']:.1f}s" for s in self.engine_starts)
+            workers = {s.get("worker") for s in self.engine_starts} - {None}
+            lines.append(f"engine starts: {len(self.engine_starts)} ({secs})" + (f" on {len(workers)} workers" if len(workers) > 1 else ""))
+        lines += self.floor_summary()
+        goldens = [c for o in self.outcomes for c in o.checks if c.get("kind") == "golden"]
+        lines += [c["note"] for c in goldens if c.get("note")]
+        allowed = [c["allowed"] for c in goldens if c.get("allowed")]
+        if allowed:
+            lines.append(f"goldens: {len(allowed)} matched with allowed differences (details in the report), e.g. {allowed[0]}")
+        plots = [c["plot"] for o in self.outcomes for c in o.checks if c.get("plot")]
+        if plots:
+            lines.append(f"plots: {len(plots)} PNG(s) in {self.options.artifacts_dir}")
+        if self.report_written is not None:
+            lines.append(f"report: {self.report_written}")
+        return lines
+
+    def floor_summary(self) -> list[str]:
+        """One line on the checks scaled to the precision floor: how many, and the worst ratio of each statistic."""
+        scaled = [(o.nodeid.rsplit("::", 1)[-1], c) for o in self.outcomes for c in o.checks if c.get("floor_ratios")]
+        if not scaled:
+            return []
+        worst = []
+        for stat in ("mean_abs", "k3_kl", "mean_offset"):
+            name, check = max(scaled, key=lambda nc: nc[1]["floor_ratios"].get(stat, 0.0))
+            worst.append(f"{stat} {check['floor_ratios'].get(stat, 0.0):.2f}x (bound {check['floor_factors'].get(stat, 0):g}x, {name})")
+        return [f"precision floor: {len(scaled)} comparisons scaled to the model's own reduced-precision noise; worst " + "; ".join(worst)]
+
+    def failures_below(self, layer: str) -> list[str]:
+        """Failed tests of the layers under ``layer`` so far: what an objective failure is probably downstream of.
+
+        A pytest-xdist worker knows only its own tests, so it names none (the controller's summary
+        marks downstream failures from every worker's results)."""
+        if self.worker:
+            return []
+        below = LAYERS[: LAYERS.index(layer)] if layer in LAYERS else LAYERS
+        return [o.nodeid.rsplit("::", 1)[-1] for o in self.outcomes if o.layer in below and o.outcome == "failed"]
+
+    def artifact_path(self, name: str) -> Path:
+        """Where a run's plots go: ``<rootdir>/rlparity-artifacts/<name>``."""
+        self.options.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        return self.options.artifacts_dir / name
