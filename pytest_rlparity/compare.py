@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ParityError
+from .files import jsonable
 from .frameworks import framework_metrics
 from .metrics import mismatch_stats
-from .results import jsonable, publish
+from .results import publish
 from .settings import Tolerance, floor_scale
 
 Ragged = Sequence[Sequence[float]]

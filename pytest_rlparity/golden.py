@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import causes
 from .errors import GoldenError
 from .files import safe_name, write_atomic
+from .layers import causes
 from .numerics import GoldenTolerance
 from .results import publish
 

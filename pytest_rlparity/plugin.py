@@ -14,8 +14,8 @@ from collections.abc import Generator
 
 import pytest
 
-from . import causes, results
 from . import config as rlconfig
+from . import results
 from .engines import registry
 from .errors import EngineError, GoldenError, ParityError
 from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
@@ -31,7 +31,7 @@ from .fixtures import (  # noqa: F401  (fixtures are registered by being importe
     rlparity_trainer,
     rlparity_trainer_factory,
 )
-from .layers import LAYER_DOC, LAYERS
+from .layers import LAYER_DOC, LAYERS, causes
 from .record import Outcome, RunRecord
 from .session import RLParitySession
 

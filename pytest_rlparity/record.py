@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import frameworks, results
 from .config import Options
-from .files import safe_name, write_atomic
-from .layers import LAYER_DOC, LAYERS
+from .files import jsonable, safe_name, write_atomic
+from .layers import LAYER_DOC, LAYERS, causes
 
 if TYPE_CHECKING:
     from .compare import Comparison
@@ -69,15 +71,15 @@ class RunRecord:
         """The JSON report of the run (``rlparity_report``), written atomically."""
         if self.options.report is None or not self.outcomes:
             return None
-        report = results.build_report(run_info, self.outcomes, LAYERS)
-        write_atomic(self.options.report, results.dump_report(report))
+        report = build_report(run_info, self.outcomes, LAYERS)
+        write_atomic(self.options.report, dump_report(report))
         self.report_written = self.options.report
         return self.report_written
 
     def summary(self) -> list[str]:
         """Results grouped by layer, lowest first, with each failure's likely cause."""
         lines = []
-        report = results.build_report({}, self.outcomes, LAYERS)
+        report = build_report({}, self.outcomes, LAYERS)
         for layer, row in report["layers"].items():
             lines.append(
                 f"{layer:<15} {'FAILED' if row['failed'] else 'ok':<7} {row['passed']} passed, {row['failed']} failed, "
@@ -140,3 +142,55 @@ class RunRecord:
         """Where a run's plots go: ``<rootdir>/rlparity-artifacts/<name>``."""
         self.options.artifacts_dir.mkdir(parents=True, exist_ok=True)
         return self.options.artifacts_dir / name
+
+
+def advice_for(cause: str | None) -> str | None:
+    """What to try first for the cause called ``cause`` (:mod:`pytest_rlparity.layers.causes`)."""
+    found = causes.CAUSES.get(cause or "")
+    return found.advice if found is not None else None
+
+
+def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ...]) -> dict[str, Any]:
+    """The machine-readable report: the run, a verdict per layer, and every test with its checks."""
+    layer_rows = {}
+    failed_below: list[str] = []
+    tests = []
+    for layer in (*layers, "custom"):
+        mine = [o for o in outcomes if o.layer == layer]
+        if not mine:
+            continue
+        counts = {k: sum(o.outcome == k for o in mine) for k in ("passed", "failed", "skipped")}
+        layer_rows[layer] = {"verdict": "failed" if counts["failed"] else "ok", **counts}
+        for o in mine:
+            tests.append(
+                {
+                    "nodeid": o.nodeid,
+                    "layer": o.layer,
+                    "outcome": o.outcome,
+                    "duration_s": round(o.duration, 3),
+                    "cause": o.cause,
+                    "advice": advice_for(o.cause) if o.outcome == "failed" else None,
+                    "downstream_of": list(failed_below) if o.outcome == "failed" else [],
+                    "headline": o.headline,
+                    "checks": o.checks,
+                }
+            )
+        if counts["failed"]:
+            failed_below.append(layer)
+    return {
+        "format": results.REPORT_FORMAT,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "run": jsonable(run),
+        "layers": layer_rows,
+        "frameworks": jsonable(frameworks.worst(framework_checks(outcomes))),
+        "tests": tests,
+    }
+
+
+def framework_checks(outcomes: list[Any]) -> list[dict[str, float]]:
+    """The framework metrics of every engine-vs-trainer comparison of the semantic layer."""
+    return [c["frameworks"] for o in outcomes for c in o.checks if c.get("layer") == "semantic" and c.get("frameworks")]
+
+
+def dump_report(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=1, sort_keys=False) + "\n"

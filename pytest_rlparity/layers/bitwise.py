@@ -17,9 +17,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .. import causes
 from ..errors import ParityError
 from ..results import publish
+from . import causes
 from .report import Finding
 
 LAYER = "inference_path"

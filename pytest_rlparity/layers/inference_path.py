@@ -24,11 +24,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import causes
-from ..causes import Cause
 from ..compare import Comparison, compare_logprobs
 from ..results import publish
 from ..settings import SamplingSettings, Tolerance
+from . import causes
+from .causes import Cause
 from .report import Finding, LayerReport
 
 if TYPE_CHECKING:

@@ -14,10 +14,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .. import causes
 from ..errors import ParityError
+from ..files import jsonable
 from ..numerics import OnPolicyBounds
-from ..results import jsonable, publish
+from ..results import publish
+from . import causes
 
 if TYPE_CHECKING:
     from ..trainer.rl import StepMetrics

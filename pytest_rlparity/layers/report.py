@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..causes import Cause
 from ..compare import Comparison
 from ..errors import ParityError
 from ..results import publish
+from .causes import Cause
 
 
 @dataclass
 class Finding:
-    """One thing that is wrong: ``cause`` names the culprit (:mod:`pytest_rlparity.causes`), ``message`` says what to do."""
+    """One thing that is wrong: ``cause`` names the culprit (:mod:`pytest_rlparity.layers.causes`), ``message`` says what to do."""
 
     cause: Cause
     message: str
 
     def __post_init__(self) -> None:
         if not isinstance(self.cause, Cause):
-            raise TypeError(f"finding cause {self.cause!r} is not defined in pytest_rlparity.causes")
+            raise TypeError(f"finding cause {self.cause!r} is not defined in pytest_rlparity.layers.causes")
 
 
 @dataclass

@@ -20,11 +20,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import causes
 from ..compare import Comparison, compare_logprobs, floor_summary
 from ..engines.base import Completion
 from ..engines.vllm_server import JSON_FLOOR
 from ..settings import SamplingSettings, Tolerance
+from . import causes
 from .report import Finding, LayerReport
 
 if TYPE_CHECKING:

@@ -17,9 +17,9 @@ import os
 
 import pytest
 
-from pytest_rlparity import causes
 from pytest_rlparity.engines.base import VLLM_ENGINE_ARGS
 from pytest_rlparity.errors import EngineError
+from pytest_rlparity.layers import causes
 from pytest_rlparity.layers.bitwise import FLAG, bit_difference, check_bitwise
 from pytest_rlparity.layers.inference_path import compare_paths
 from pytest_rlparity.model import CORPUS, tokens_of_length

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_rlparity import causes
 from pytest_rlparity.compare import compare_logprobs, precision_floor
 from pytest_rlparity.engines.base import PAUSE_MODES, VLLM_ENGINE_ARGS
 from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
 from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
+from pytest_rlparity.layers import causes
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
 from pytest_rlparity.model import CORPUS, tokens_of_length
 from pytest_rlparity.settings import SamplingSettings

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from .layers import LAYERS
+from . import LAYERS
 
 ANY_LAYER = "any"
 
