@@ -313,6 +313,7 @@ class VLLMEngine(VLLMInstallation):
 
     @property
     def tensor_parallel_size(self) -> int:
+        """Ranks the model is split over (each a worker process with a shard of every layer)."""
         return int(self.info.kwargs.get("tensor_parallel_size") or 1)
 
     def weight_checksums(self) -> dict[str, str] | None:

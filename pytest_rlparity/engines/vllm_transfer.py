@@ -23,6 +23,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..errors import EngineError
+
 BACKENDS = ("nccl", "ipc")
 
 
@@ -61,8 +63,6 @@ class WeightSender:
     def __init__(self, llm: Any, backend: str, tensor_parallel_size: int) -> None:
         reason = unavailable(backend, tensor_parallel_size)
         if reason is not None:
-            from ..errors import EngineError
-
             raise EngineError(reason)
         self.llm = llm
         self.backend = backend
