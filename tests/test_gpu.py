@@ -135,7 +135,9 @@ def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path,
         engines.append(VLLMEngine.start(str(model), gpu_kwargs(**overrides), StartOptions(engine_core=engine_core)))
         return engines[-1]
 
-    tokenizer = Trainer(model).tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
     prompts = [tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS[:6]]
     long_prompts = [tokens_of_length(tokenizer, LONG) + tokenizer(f" {i}", add_special_tokens=False).input_ids for i in range(6)]
     try:
