@@ -115,8 +115,9 @@ CONTROL_MODEL = os.environ.get("RLPARITY_CONTROL_MODEL")
 def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path, tiny_model):
     """The tier's suite test with ``VLLM_BATCH_INVARIANT=1`` (0 differing bits where vLLM promises them), and the
     same measurement in this process without the flag, where batching must change some bits."""
-    from pytest_rlparity.model import CORPUS, tokens_of_length
-    from pytest_rlparity.suite.test_batch_invariance import LONG, measure_paths
+    from pytest_rlparity.model import CORPUS
+    from pytest_rlparity.suite import shared_prefix_prompts
+    from pytest_rlparity.suite.test_batch_invariance import measure_paths
 
     model = Path(CONTROL_MODEL or tiny_model)
     report_path = tmp_path / "report.json"
@@ -139,7 +140,7 @@ def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path,
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     prompts = [tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS[:6]]
-    long_prompts = [tokens_of_length(tokenizer, LONG) + tokenizer(f" {i}", add_special_tokens=False).input_ids for i in range(6)]
+    long_prompts = shared_prefix_prompts(tokenizer)
     try:
         off = measure_paths(factory, prompts, long_prompts)
     finally:

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from ..errors import ParityError
 from ..results import publish
 from . import causes
+from .inference_path import LAYER
 from .report import Finding
-
-LAYER = "inference_path"
 
 FLAG = "VLLM_BATCH_INVARIANT"
 

@@ -17,9 +17,8 @@ from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
 from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
 from pytest_rlparity.layers import causes
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
-from pytest_rlparity.model import CORPUS, tokens_of_length
 from pytest_rlparity.settings import SamplingSettings
-from pytest_rlparity.suite import UPDATE_ENGINE
+from pytest_rlparity.suite import CHUNK, UPDATE_ENGINE
 
 pytestmark = pytest.mark.inference_path
 
@@ -49,17 +48,6 @@ def vllm_paths(rlparity_session):
 @pytest.fixture(scope="module")
 def device(vllm_paths, rlparity_session) -> str:
     return rlparity_session.build.device
-
-
-SHARED_PREFIX = 2 * 128 + 14
-"""Tokens the long prompts share: two prefix-cache blocks on CPU (128 tokens each; 16 on GPU) and some."""
-
-
-@pytest.fixture(scope="module")
-def long_prompts(rlparity_trainer) -> list[list[int]]:
-    """Prompts sharing a prefix of :data:`SHARED_PREFIX` tokens of the model's own tokenizer."""
-    prefix = tokens_of_length(rlparity_trainer.tokenizer, SHARED_PREFIX)
-    return [prefix + rlparity_trainer.tokenizer(f" {i} {s.split()[1]}", add_special_tokens=False).input_ids for i, s in enumerate(CORPUS[:6])]
 
 
 @pytest.fixture
@@ -105,10 +93,6 @@ def test_same_seed_same_rollouts(vllm_paths, rlparity_session, rlparity_engine, 
         floor_stats=floor_stats,
     )
     report.raise_if_failed()
-
-
-CHUNK = 64
-"""The chunked-prefill token budget: the long prompts (:data:`SHARED_PREFIX` and more) take five chunks."""
 
 
 @pytest.mark.xdist_group("chunked-prefill-engine")
