@@ -16,6 +16,7 @@ from pytest_rlparity.errors import ParityError
 from pytest_rlparity.model import tokens_of_length
 from pytest_rlparity.numerics import numerics_for
 from pytest_rlparity.settings import Tolerance
+from pytest_rlparity.suite import CHUNK, SHARED_PREFIX
 from pytest_rlparity.suite import test_inference_path as suite
 
 FP32 = Tolerance()
@@ -25,7 +26,7 @@ SESSION = types.SimpleNamespace(numerics=numerics_for("float32"), seeded=lambda 
 
 @pytest.fixture(scope="module")
 def long_prompts(trainer) -> list[list[int]]:
-    prefix = tokens_of_length(trainer.tokenizer, suite.SHARED_PREFIX)
+    prefix = tokens_of_length(trainer.tokenizer, SHARED_PREFIX)
     return [prefix + [40 + i] for i in range(3)]
 
 
@@ -56,8 +57,8 @@ def test_chunked_prefill(hf_engine, trainer, long_prompts):
     def factory(engine):
         return lambda **kwargs: engine
 
-    check(None, factory(FaultyEngine(hf_engine, chunk=suite.CHUNK)), trainer, long_prompts, FP32)
-    lossy = FaultyEngine(hf_engine, chunk=suite.CHUNK, chunk_drift=1e-4)
+    check(None, factory(FaultyEngine(hf_engine, chunk=CHUNK)), trainer, long_prompts, FP32)
+    lossy = FaultyEngine(hf_engine, chunk=CHUNK, chunk_drift=1e-4)
     assert "64-token chunks" in str(fails_with("chunked prefill", check, None, factory(lossy), trainer, long_prompts, FP32))
     with pytest.raises(pytest.fail.Exception, match="chunked prefill did not happen: the engine prefills whole prompts"):
         check(None, factory(FaultyEngine(hf_engine)), trainer, long_prompts, FP32)
