@@ -31,7 +31,7 @@ INTERRUPT = signal.SIGUSR2
 """Sent to the main thread when an engine process dies under a call that waits on it."""
 
 RESEND_S = 2.0
-"""How often :data:`INTERRUPT` is sent again while the call it should end is still waiting."""
+"""Seconds between sends of :data:`INTERRUPT` (plus the poll interval) while the call it should end still waits."""
 
 
 class ProcessGroup:

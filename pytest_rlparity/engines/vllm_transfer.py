@@ -44,17 +44,12 @@ def unavailable(backend: str, tensor_parallel_size: int = 1) -> str | None:
             f"the nccl weight transfer needs {tensor_parallel_size + 1} GPUs ({tensor_parallel_size} for the engine, one for "
             f"the trainer: NCCL refuses two ranks on one GPU); {gpus} visible"
         )
-    if backend == "ipc" and importlib.util.find_spec("ray") is None and _ipc_needs_ray():
-        return "the installed vLLM's ipc backend imports ray, which is not installed (pip install ray)"
+    if backend == "ipc":
+        try:  # the workers import it to receive; vLLM 0.26's imports ray at module level
+            importlib.import_module("vllm.distributed.weight_transfer.ipc_engine")
+        except ImportError as error:
+            return f"the installed vLLM's ipc backend cannot be imported here: {error}"
     return None
-
-
-def _ipc_needs_ray() -> bool:
-    spec = importlib.util.find_spec("vllm.distributed.weight_transfer.ipc_engine")
-    if spec is None or spec.origin is None:
-        return False
-    with open(spec.origin, encoding="utf-8") as source:
-        return any(line.strip() == "import ray" for line in source)
 
 
 class WeightSender:
