@@ -4,8 +4,10 @@
 
 Runs ``pytest --rlparity`` with the arguments given, then reads the run's JSON report and prints
 the wall time, each engine start, the longest one, the time in checks (the tests' set-up, call
-and teardown, less the engine starts) and ``wall / (longest start + checks)``: 1.0 when every start
-but the longest overlaps the checks, higher when starts queue one after another.
+and teardown, less the engine starts) and ``wall / (longest start + checks / workers)``: 1.0 when
+every start but the longest overlaps the checks, higher when starts queue one after another. Under
+``pytest -n N`` the checks are shared by the workers, and each worker's starts, checks and busy
+time are printed: the busiest worker is the run's critical path.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ def summarize(report: dict[str, Any], wall: float) -> list[str]:
         shown = {k: v for k, v in s["kwargs"].items() if k in ("engine_core", "enable_prefix_caching", "enable_chunked_prefill",
                                                                    "max_num_batched_tokens", "dtype", "hf_overrides", "model")}
         lines.append(f"  engine start {float(s['seconds']):6.1f} s  {json.dumps(shown, sort_keys=True)}" + (f"  [{s['worker']}]" if s.get("worker") else ""))
+    workers = sorted({t.get("worker") for t in report["tests"]} - {None})
+    for worker in workers:
+        busy = sum(float(t["duration_s"]) for t in report["tests"] if t.get("worker") == worker)
+        mine = [float(s["seconds"]) for s in starts if s.get("worker") == worker]
+        lines.append(f"  worker {worker}: {len(mine)} starts ({sum(mine):.1f} s), checks {max(busy - sum(mine), 0.0):.1f} s, busy {busy:.1f} s")
+    ideal = longest + checks / max(len(workers), 1)
     lines += [
         f"wall                 {wall:7.1f} s",
         f"engine starts        {len(seconds):7d}   ({sum(seconds):.1f} s in all, longest {longest:.1f} s)",
-        f"checks               {checks:7.1f} s",
-        f"wall / (longest start + checks) = {wall / max(longest + checks, 1e-9):.2f}",
+        f"checks               {checks:7.1f} s" + (f"   (on {len(workers)} workers)" if workers else ""),
+        f"wall / (longest start + checks{' / workers' if workers else ''}) = {wall / max(ideal, 1e-9):.2f}",
     ]
     return lines
 

@@ -114,6 +114,18 @@ def pytest_configure(config: pytest.Config) -> None:
         _interrupt_on_sigterm()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """With ``--dist loadgroup``: engine groups longest first, a worker's next group only when it is
+    about to finish its last (see :mod:`pytest_rlparity.scheduling`)."""
+    if get_session(config) is None or config.getvalue("dist") != "loadgroup":
+        return None
+    from .scheduling import engine_group_scheduling
+    from .suite import LONGEST_FIRST
+
+    return engine_group_scheduling(config, log, LONGEST_FIRST)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Name the engine, its version, the model fingerprint, device and dtype."""
     session = get_session(config)
@@ -207,6 +219,7 @@ class OutcomeRecorder:
                 props.get(HEADLINE_KEY, ""),
                 self.spent[report.nodeid],
                 props.get(results.PROPERTY, []),
+                getattr(report, "worker_id", None),
             )
         )
 

@@ -37,6 +37,8 @@ class Outcome:
     """Seconds over set-up, call and teardown (engines start in set-up)."""
     checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """What the test's checks published (see :mod:`pytest_rlparity.results`)."""
+    worker: str | None = None
+    """The pytest-xdist worker that ran it (``None`` in a run without ``-n``)."""
 
 
 class RunRecord:
@@ -168,6 +170,7 @@ def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ..
                     "layer": o.layer,
                     "outcome": o.outcome,
                     "duration_s": round(o.duration, 3),
+                    "worker": o.worker,
                     "cause": o.cause,
                     "advice": advice_for(o.cause) if o.outcome == "failed" else None,
                     "downstream_of": list(failed_below) if o.outcome == "failed" else [],

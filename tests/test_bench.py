@@ -19,3 +19,23 @@ def test_checks_are_test_time_less_engine_starts_and_the_ratio_uses_the_longest_
     assert "34.0 s in all, longest 24.0 s" in lines[4]
     assert lines[5].split() == ["checks", "16.0", "s"]
     assert lines[6] == "wall / (longest start + checks) = 1.50"
+
+
+def test_under_xdist_the_checks_are_shared_by_the_workers_and_each_worker_is_shown():
+    report = {
+        "run": {"engine_starts": [
+            {"seconds": 20.0, "kwargs": {}, "worker": "gw0"},
+            {"seconds": 10.0, "kwargs": {}, "worker": "gw1"},
+            {"seconds": 5.0, "kwargs": {}, "worker": "gw1"},
+        ]},
+        "tests": [
+            {"duration_s": 50.0, "outcome": "passed", "worker": "gw0"},
+            {"duration_s": 25.0, "outcome": "passed", "worker": "gw1"},
+            {"duration_s": 15.0, "outcome": "passed", "worker": "gw1"},
+        ],
+    }
+    lines = summarize(report, wall=55.0)
+    assert "  worker gw0: 1 starts (20.0 s), checks 30.0 s, busy 50.0 s" in lines
+    assert "  worker gw1: 2 starts (15.0 s), checks 25.0 s, busy 40.0 s" in lines
+    assert lines[-2].split() == ["checks", "55.0", "s", "(on", "2", "workers)"]
+    assert lines[-1] == "wall / (longest start + checks / workers) = 1.16"  # 55 / (20 + 55 / 2) = 1.158

@@ -17,7 +17,10 @@ module is the trainer that sends.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import os
+import pickle
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +29,9 @@ from typing import Any
 from ..errors import EngineError
 
 BACKENDS = ("nccl", "ipc")
+INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+"""vLLM's switch for pickled messages; a process core and its client that disagree on it stop understanding
+each other's replies (a call waits forever), so it is the run's setting, never one engine's."""
 
 
 def unavailable(backend: str, tensor_parallel_size: int = 1) -> str | None:
@@ -49,6 +55,11 @@ def unavailable(backend: str, tensor_parallel_size: int = 1) -> str | None:
             importlib.import_module("vllm.distributed.weight_transfer.ipc_engine")
         except ImportError as error:
             return f"the installed vLLM's ipc backend cannot be imported here: {error}"
+        if os.environ.get(INSECURE_SERIALIZATION) != "1":
+            return (
+                f"the ipc backend sends pickled CUDA handles, which vLLM takes only with {INSECURE_SERIALIZATION}=1 in the "
+                "environment of the whole run (the engine core and this process must agree on it): set it to run this check"
+            )
     return None
 
 
@@ -126,7 +137,8 @@ class WeightSender:
             "names": [name for name, _ in tensors],
             "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in tensors],
             "shapes": [list(t.shape) for _, t in tensors],
-            "ipc_handles": handles,
+            # Handles hold types that vLLM's message encoding refuses on the way to the engine core.
+            "ipc_handles_pickled": base64.b64encode(pickle.dumps(handles)).decode("ascii"),
         }})
         del keep
         torch.cuda.ipc_collect()

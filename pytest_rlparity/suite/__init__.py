@@ -5,17 +5,37 @@ from typing import Any
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.model import CORPUS, tokens_of_length
 
-UPDATE_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION, "engine_core": "process"}
-"""The engine that takes weight updates: the inference path's update checks and the objective layer's RL
-loop (tests reset it to base weights). Prefix caching is on, as RL stacks run it; the update extension
-pushes tensors; its core runs in a process of its own, which a ``wait`` pause needs. In a serial run the
-layers share one start; under ``pytest -n`` each xdist group starts its own."""
+RL_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION}
+"""The engine of the objective layer's RL loop: prefix caching on, as RL stacks run it, and the update
+extension that pushes the trainer's tensors every step. Each loss is an xdist group of its own, so under
+``pytest -n`` the three runs go side by side; in a serial run they share one start."""
+
+UPDATE_ENGINE = {**RL_ENGINE, "engine_core": "process"}
+"""The engine of the inference path's update checks (tests reset it to base weights): the RL engine with
+its core in a process of its own, which vLLM needs for a ``wait`` pause."""
 
 SHARED_PREFIX = 2 * 128 + 14
 """Tokens the long prompts share: two prefix-cache blocks on CPU (128 tokens each; 16 on GPU) and some."""
 
 CHUNK = 64
 """The chunked-prefill token budget: the long prompts (:data:`SHARED_PREFIX` and more) take five chunks."""
+
+LONGEST_FIRST = (
+    "path-engine",
+    "rl-engine-gspo",
+    "rl-engine-grpo",
+    "rl-engine-ppo",
+    "lm-head-engines",
+    "session-engine",
+    "runtime-mode-engines",
+    "chunked-prefill-engine",
+    "transfer-engines",
+    "batch-invariant-engines",
+)
+"""The suite's xdist groups (engine configurations), longest first as measured on one H100 with a warm
+compile cache (docs/benchmarks.md): the update engine's process core (40 s) and its checks, each RL run,
+two lm_head engines, the session engine's many short checks, two runtime modes. Under
+``-n N --dist loadgroup`` workers take them in this order (:mod:`pytest_rlparity.scheduling`)."""
 
 
 def shared_prefix_prompts(tokenizer: Any) -> list[list[int]]:

@@ -18,9 +18,9 @@ from pytest_rlparity.layers.objective import check_learns, check_on_policy, curv
 from pytest_rlparity.model import CORPUS
 from pytest_rlparity.plots import plot_curves
 from pytest_rlparity.results import publish
-from pytest_rlparity.suite import UPDATE_ENGINE
+from pytest_rlparity.suite import RL_ENGINE
 
-pytestmark = [pytest.mark.objective, pytest.mark.xdist_group("rl-engine")]
+pytestmark = pytest.mark.objective
 
 RECORDED_SEEDS = 4
 """Runs (seeds) a golden is recorded from: the band a later run, on any machine, must land in."""
@@ -30,13 +30,13 @@ SEED_STRIDE = 1_000_003
 
 @pytest.fixture
 def rl_engine(rlparity_session, rlparity_engine_factory):
-    engine = rlparity_engine_factory(**(UPDATE_ENGINE if rlparity_session.supports(VLLM_ENGINE_ARGS) else {}))
+    engine = rlparity_engine_factory(**(RL_ENGINE if rlparity_session.supports(VLLM_ENGINE_ARGS) else {}))
     engine.update_weights(str(rlparity_session.model_dir))
     engine.reset_prefix_cache()
     return engine
 
 
-@pytest.mark.parametrize("loss", ["gspo", "grpo", "ppo"])
+@pytest.mark.parametrize("loss", [pytest.param(loss, marks=pytest.mark.xdist_group(f"rl-engine-{loss}")) for loss in ("gspo", "grpo", "ppo")])
 def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_engine, rlparity_session, rlparity_golden):
     from pytest_rlparity.trainer.rl import (  # torch: only when it runs
         RLConfig,

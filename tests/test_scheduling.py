@@ -1,0 +1,87 @@
+"""The engine-group scheduler under pytest-xdist, driven with fake workers (a real -n 2 run is in test_vllm_cpu)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pytest_rlparity.scheduling import engine_group_scheduling
+from pytest_rlparity.suite import LONGEST_FIRST
+
+pytest.importorskip("xdist")
+
+
+class FakeWorker:
+    def __init__(self, name: str) -> None:
+        self.gateway = SimpleNamespace(id=name)
+        self.shutting_down = False
+        self.received: list[list[int]] = []
+
+    def send_runtest_some(self, indices: list[int]) -> None:
+        self.received.append(indices)
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+
+
+def start(collection: list[str], workers: int):
+    values = {"tx": [f"{workers}*popen"]}
+    config = SimpleNamespace(option=SimpleNamespace(loadscopereorder=True), getvalue=values.get)
+    scheduler = engine_group_scheduling(config, None, LONGEST_FIRST)
+    assert scheduler is not None
+    nodes = [FakeWorker(f"gw{i}") for i in range(workers)]
+    for node in nodes:
+        scheduler.add_node(node)
+        scheduler.add_node_collection(node, collection)
+    scheduler.schedule()
+    return scheduler, nodes
+
+
+def groups_of(node: FakeWorker, collection: list[str]) -> list[str]:
+    return [collection[batch[0]].rsplit("@", 1)[1] for batch in node.received]
+
+
+SUITE = [
+    *(f"test_semantic.py::test_{i}@session-engine" for i in range(15)),
+    "test_inference_path.py::test_chunked@chunked-prefill-engine",
+    "test_inference_path.py::test_runtime[async]@runtime-mode-engines",
+    "test_inference_path.py::test_runtime[compiled]@runtime-mode-engines",
+    "test_inference_path.py::test_lm_head@lm-head-engines",
+    *(f"test_inference_path.py::test_update_{i}@path-engine" for i in range(7)),
+    *(f"test_objective.py::test_rl[{loss}]@rl-engine-{loss}" for loss in ("gspo", "grpo", "ppo")),
+]
+
+
+def test_the_longest_groups_go_first_and_a_one_test_group_takes_its_next_at_once():
+    _, nodes = start(SUITE, 4)
+    assert [groups_of(n, SUITE) for n in nodes] == [
+        ["path-engine"],
+        # A worker must know its next test before it runs its only one: the next group comes at once.
+        ["rl-engine-gspo", "lm-head-engines"],
+        ["rl-engine-grpo", "session-engine"],
+        ["rl-engine-ppo", "runtime-mode-engines"],
+    ]
+
+
+def test_a_worker_takes_its_next_group_when_its_last_test_is_about_to_run():
+    scheduler, nodes = start(SUITE, 4)
+    path = nodes[0]
+    for index in path.received[0][:5]:
+        scheduler.mark_test_complete(path, index)
+    assert groups_of(path, SUITE) == ["path-engine"]  # two tests left: no second engine queued behind them
+    scheduler.mark_test_complete(path, path.received[0][5])
+    assert groups_of(path, SUITE) == ["path-engine", "chunked-prefill-engine"]
+
+
+def test_groups_it_does_not_know_follow_by_test_count():
+    collection = [*SUITE, "mine.py::test_a@my-engine", "mine.py::test_b@my-engine", "mine.py::test_c@other-engine"]
+    _, nodes = start(collection, 10)
+    assert [groups_of(n, collection)[0] for n in nodes][-2:] == ["my-engine", "other-engine"]
+
+
+def test_every_group_of_the_built_in_suite_has_its_place(pytester):
+    items, _ = pytester.inline_genitems("--pyargs", "pytest_rlparity.suite", "-p", "no:cacheprovider")
+    groups = {item.get_closest_marker("xdist_group").args[0] for item in items}
+    assert len(items) > 30
+    assert groups == set(LONGEST_FIRST)
