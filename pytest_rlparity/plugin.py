@@ -33,6 +33,7 @@ from .fixtures import (  # noqa: F401  (fixtures are registered by being importe
 )
 from .layers import LAYER_DOC, LAYERS, causes
 from .record import Outcome, RunRecord
+from .scheduling import keep_xdist_groups
 from .session import RLParitySession
 
 CAUSE_KEY = "rlparity_cause"
@@ -135,7 +136,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run layers lowest first; without ``--rlparity``, skip every parity test."""
+    """Run layers lowest first; without ``--rlparity``, skip every parity test. Under pytest-xdist's
+    ``--dist loadgroup``, keep tests that share an engine in one group (also on pytest >= 9.2)."""
+    keep_xdist_groups(config, items)
     if get_session(config) is not None:
         items.sort(key=_layer_rank)  # stable: order within a layer is kept
         return

@@ -10,6 +10,11 @@ go first (:data:`pytest_rlparity.suite.LONGEST_FIRST`); other groups follow, mos
 
 Relies on pytest-xdist's ``LoadGroupScheduling`` internals (3.x: ``workqueue``,
 ``_assign_work_unit``, ``_pending_of``); where they are missing, pytest-xdist schedules as usual.
+
+pytest 9.2 derives node ids from a structured id that pytest-xdist 3.8 does not update, so
+``--dist loadgroup`` silently stops grouping there (pytest-xdist issue #1386: every test of a
+group may start the group's engine in another worker). :func:`keep_xdist_groups` puts the group
+back into the node id where the schedulers read it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,25 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
+
+def keep_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> int:
+    """On a ``--dist loadgroup`` worker under pytest >= 9.2, give each grouped test the ``@group`` node-id
+    suffix that pytest-xdist meant to add (the same names, joined as it joins them); the number fixed."""
+    if not getattr(config.option, "loadgroup", False):  # set on pytest-xdist workers only
+        return 0
+    try:
+        from _pytest.nodeid import NodeId  # pytest >= 9.2, where the suffix no longer sticks
+    except ImportError:
+        return 0
+    fixed = 0
+    for item in items:
+        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        suffix = "@" + "_".join(sorted(names))
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)  # type: ignore[attr-defined]
+            fixed += 1
+    return fixed
 
 
 def engine_group_scheduling(config: pytest.Config, log: Any, longest_first: Sequence[str]) -> Any | None:

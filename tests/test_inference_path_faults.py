@@ -147,6 +147,7 @@ def test_summarize_groups_whole_layers():
     assert summarize(names) == "model.layers.1.* (2 tensors), lm_head.weight"
 
 
+@pytest.mark.xdist_group("fault-engine")  # one worker starts the class's engine once
 class TestOnVLLM:
     """The faults that only a real engine has."""
 

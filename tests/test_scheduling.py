@@ -85,3 +85,26 @@ def test_every_group_of_the_built_in_suite_has_its_place(pytester):
     groups = {item.get_closest_marker("xdist_group").args[0] for item in items}
     assert len(items) > 30
     assert groups == set(LONGEST_FIRST)
+
+
+def test_tests_of_one_xdist_group_run_in_one_worker(pytester):
+    """pytest 9.2 ignores pytest-xdist 3.8's group suffix (pytest-xdist #1386); the plugin keeps it."""
+    pytester.makepyfile(
+        """
+        import pytest, time
+
+        @pytest.mark.xdist_group("one-engine")
+        class TestShared:
+            def test_a(self): time.sleep(0.3)
+            def test_b(self): time.sleep(0.3)
+            def test_c(self): time.sleep(0.3)
+
+        def test_x(): time.sleep(0.3)
+        def test_y(): time.sleep(0.3)
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    workers = {line.split()[0] for line in result.outlines if "PASSED" in line and "TestShared::" in line}
+    assert len(workers) == 1, result.outlines
+    assert sum("@one-engine" in line for line in result.outlines if "PASSED" in line) == 3

