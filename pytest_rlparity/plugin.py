@@ -33,7 +33,7 @@ from .fixtures import (  # noqa: F401  (fixtures are registered by being importe
 )
 from .layers import LAYER_DOC, LAYERS, causes
 from .record import Outcome, RunRecord
-from .scheduling import keep_xdist_groups
+from .scheduling import engine_group_scheduling, keep_xdist_groups
 from .session import RLParitySession
 
 CAUSE_KEY = "rlparity_cause"
@@ -121,8 +121,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
     about to finish its last (see :mod:`pytest_rlparity.scheduling`)."""
     if get_session(config) is None or config.getvalue("dist") != "loadgroup":
         return None
-    from .scheduling import engine_group_scheduling
-    from .suite import LONGEST_FIRST
+    from .suite import LONGEST_FIRST  # the suite's groups: imported only when scheduling them
 
     return engine_group_scheduling(config, log, LONGEST_FIRST)
 

@@ -30,8 +30,8 @@ from ..errors import EngineError
 
 BACKENDS = ("nccl", "ipc")
 INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
-"""vLLM's switch for pickled messages; a process core and its client that disagree on it stop understanding
-each other's replies (a call waits forever), so it is the run's setting, never one engine's."""
+"""vLLM's switch for pickled messages, read by the engine core and by this process alike: set only while an
+engine started, the engine's first call hung (H100, vLLM 0.26.0), so it is the run's setting, never one engine's."""
 
 
 def unavailable(backend: str, tensor_parallel_size: int = 1) -> str | None:
