@@ -3,6 +3,8 @@
 Skipped without CUDA GPUs and vLLM built for them. On a machine with two GPUs:
 
     pytest tests/test_gpu.py
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 pytest tests/test_gpu.py -k ipc   # the ipc transfer (ray installed)
+    RLPARITY_CONTROL_MODEL=DIR pytest tests/test_gpu.py -k batch_invariant # the tier's control on a real shape
 
 Engines run the GPU profile (``profiles/gpu-bf16.toml``: bf16, compiled, fp32 lm_head) and are
 judged against the fp32 trainer with the bf16 numerics, as the suite judges them.
