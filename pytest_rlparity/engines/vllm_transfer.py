@@ -58,7 +58,7 @@ def unavailable(backend: str, tensor_parallel_size: int = 1) -> str | None:
         if os.environ.get(INSECURE_SERIALIZATION) != "1":
             return (
                 f"the ipc backend sends pickled CUDA handles, which vLLM takes only with {INSECURE_SERIALIZATION}=1 in the "
-                "environment of the whole run (the engine core and this process must agree on it): set it to run this check"
+                "environment of the whole run (the engine core and this process both read it): set it to run this check"
             )
     return None
 
@@ -107,12 +107,7 @@ class WeightSender:
 
         device = f"cuda:{self.tp}"
         on_trainer = [(name, tensor.to(device)) for name, tensor in tensors]
-        meta = {
-            "names": [name for name, _ in on_trainer],
-            "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in on_trainer],
-            "shapes": [list(t.shape) for _, t in on_trainer],
-            "packed": True,
-        }
+        meta = {**_layout(on_trainer), "packed": True}
         with torch.cuda.device(self.tp):
             _alongside(
                 lambda: self.llm.update_weights({"update_info": meta}),
@@ -134,14 +129,21 @@ class WeightSender:
             handles.append(per_gpu)
         torch.cuda.synchronize()
         self.llm.update_weights({"update_info": {
-            "names": [name for name, _ in tensors],
-            "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in tensors],
-            "shapes": [list(t.shape) for _, t in tensors],
+            **_layout(tensors),
             # Handles hold types that vLLM's message encoding refuses on the way to the engine core.
             "ipc_handles_pickled": base64.b64encode(pickle.dumps(handles)).decode("ascii"),
         }})
         del keep
         torch.cuda.ipc_collect()
+
+
+def _layout(tensors: Sequence[tuple[str, Any]]) -> dict[str, list[Any]]:
+    """What every backend's update info says of the tensors: names, dtypes and shapes, in order."""
+    return {
+        "names": [name for name, _ in tensors],
+        "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in tensors],
+        "shapes": [list(t.shape) for _, t in tensors],
+    }
 
 
 def _alongside(engine_side: Callable[[], Any], trainer_side: Callable[[], Any]) -> Any:
