@@ -303,18 +303,36 @@ def watchdog(seconds: float, on_expiry: Callable[[], None], *, inline: bool = Fa
         _timed_out.clear()
 
 
+SHARED_HELPERS = ("multiprocessing.resource_tracker", "_inductor/compile_worker")
+"""Helpers a library starts once per process and shares with everything in it, found in their command
+lines: multiprocessing's resource tracker and torch inductor's pool of compile workers. Both end with
+this process. An engine whose core runs inline starts the compile pool when it first compiles; were it
+taken for that engine's and killed with it, the next engine to compile in this process would wait on
+the dead pool forever (seen on an H100: an lm_head engine's start hung after the RL engine closed)."""
+
+
 def _children() -> list[psutil.Process]:
-    """Child processes, without multiprocessing's resource tracker (shared, ends with us)."""
+    """Child processes, without the shared helpers (:data:`SHARED_HELPERS`) nor their own children.
+
+    A helper under an engine's process still ends with it: :meth:`ProcessGroup.kill` takes every
+    descendant of the processes it ends."""
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [p for p in children if not _is_resource_tracker(p)]
+    shared = {p.pid for p in children if _is_shared_helper(p)}
+    for proc in children:
+        try:
+            if proc.pid not in shared and any(parent.pid in shared for parent in proc.parents()):
+                shared.add(proc.pid)
+        except psutil.Error:
+            continue
+    return [p for p in children if p.pid not in shared]
 
 
-def _is_resource_tracker(proc: psutil.Process) -> bool:
+def _is_shared_helper(proc: psutil.Process) -> bool:
     try:
-        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+        return any(helper in " ".join(proc.cmdline()) for helper in SHARED_HELPERS)
     except psutil.Error:
         return False
 
