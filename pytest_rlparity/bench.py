@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 
-def summarize(report: dict[str, Any], wall: float) -> list[str]:
-    """The benchmark's lines, from a run's JSON report and its wall time."""
+def summarize(report: dict[str, Any], wall: float, started: float | None = None) -> list[str]:
+    """The benchmark's lines, from a run's JSON report, its wall time and when it started (seconds since
+    the epoch: then each worker's first and last moment in tests is shown, the run's start-up and tail)."""
     starts = report["run"].get("engine_starts", [])
     seconds = [float(s["seconds"]) for s in starts]
     in_tests = sum(float(t["duration_s"]) for t in report["tests"])
@@ -36,9 +37,15 @@ def summarize(report: dict[str, Any], wall: float) -> list[str]:
         lines.append(f"  engine start {float(s['seconds']):6.1f} s  {json.dumps(shown, sort_keys=True)}" + (f"  [{s['worker']}]" if s.get("worker") else ""))
     workers = sorted({t.get("worker") for t in report["tests"]} - {None})
     for worker in workers:
-        busy = sum(float(t["duration_s"]) for t in report["tests"] if t.get("worker") == worker)
+        tests = [t for t in report["tests"] if t.get("worker") == worker]
+        busy = sum(float(t["duration_s"]) for t in tests)
         mine = [float(s["seconds"]) for s in starts if s.get("worker") == worker]
-        lines.append(f"  worker {worker}: {len(mine)} starts ({sum(mine):.1f} s), checks {max(busy - sum(mine), 0.0):.1f} s, busy {busy:.1f} s")
+        line = f"  worker {worker}: {len(mine)} starts ({sum(mine):.1f} s), checks {max(busy - sum(mine), 0.0):.1f} s, busy {busy:.1f} s"
+        began = [t["began"] for t in tests if t.get("began")]
+        ended = [t["ended"] for t in tests if t.get("ended")]
+        if started is not None and began and ended:
+            line += f", in tests from {min(began) - started:.1f} s to {max(ended) - started:.1f} s"
+        lines.append(line)
     ideal = longest + checks / max(len(workers), 1)
     lines += [
         f"wall                 {wall:7.1f} s",
@@ -56,11 +63,11 @@ def main(argv: list[str]) -> int:
     kept = [a.split("=", 1)[1] for a in argv if a.startswith("--rlparity-report=")]
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(kept[-1]) if kept else Path(tmp) / "report.json"  # the user's report, if they asked for one
-        began = time.monotonic()
+        started, began = time.time(), time.monotonic()
         rc = subprocess.run([sys.executable, "-m", "pytest", "--rlparity", f"--rlparity-report={report}", "-q", *argv]).returncode
         wall = time.monotonic() - began
         if not report.exists():
             print(f"bench: pytest exited {rc} without a report; nothing to measure", file=sys.stderr)
             return rc or 1
-        print("\n".join(["", "rlparity bench", *summarize(json.loads(report.read_text()), wall)]))
+        print("\n".join(["", "rlparity bench", *summarize(json.loads(report.read_text()), wall, started)]))
     return rc

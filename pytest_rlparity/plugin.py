@@ -196,16 +196,20 @@ class OutcomeRecorder:
         self.record = record
         self.spent: dict[str, float] = {}
         """Seconds per test over its phases so far: set-up (where engines start) counts."""
+        self.began: dict[str, float] = {}
+        """When each test's set-up began (seconds since the epoch)."""
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
             if key == STARTS_KEY:
                 self.record.engine_starts += value
         self.spent[report.nodeid] = self.spent.get(report.nodeid, 0.0) + report.duration
+        self.began.setdefault(report.nodeid, report.start)
         if report.when == "teardown":
             recorded = next((o for o in reversed(self.record.outcomes) if o.nodeid == report.nodeid), None)
             if recorded is not None:
                 recorded.duration = self.spent[report.nodeid]
+                recorded.ended = round(report.stop, 2)
         if not (report.when == "call" or (report.when == "setup" and not report.passed)):
             return
         layer = next((m for m in LAYERS if m in report.keywords), None)
@@ -222,6 +226,7 @@ class OutcomeRecorder:
                 self.spent[report.nodeid],
                 props.get(results.PROPERTY, []),
                 getattr(report, "worker_id", None),
+                round(self.began[report.nodeid], 2),
             )
         )
 

@@ -39,6 +39,9 @@ class Outcome:
     """What the test's checks published (see :mod:`pytest_rlparity.results`)."""
     worker: str | None = None
     """The pytest-xdist worker that ran it (``None`` in a run without ``-n``)."""
+    began: float | None = None
+    """When its set-up began, and when its teardown ended (seconds since the epoch): the run's timeline."""
+    ended: float | None = None
 
 
 class RunRecord:
@@ -171,6 +174,8 @@ def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ..
                     "outcome": o.outcome,
                     "duration_s": round(o.duration, 3),
                     "worker": o.worker,
+                    "began": o.began,
+                    "ended": o.ended,
                     "cause": o.cause,
                     "advice": advice_for(o.cause) if o.outcome == "failed" else None,
                     "downstream_of": list(failed_below) if o.outcome == "failed" else [],

@@ -39,3 +39,15 @@ def test_under_xdist_the_checks_are_shared_by_the_workers_and_each_worker_is_sho
     assert "  worker gw1: 2 starts (15.0 s), checks 25.0 s, busy 40.0 s" in lines
     assert lines[-2].split() == ["checks", "55.0", "s", "(on", "2", "workers)"]
     assert lines[-1] == "wall / (longest start + checks / workers) = 1.16"  # 55 / (20 + 55 / 2) = 1.158
+
+
+def test_each_worker_shows_when_its_first_test_began_and_its_last_ended():
+    report = {
+        "run": {"engine_starts": [{"seconds": 20.0, "kwargs": {}, "worker": "gw0"}]},
+        "tests": [
+            {"duration_s": 30.0, "outcome": "passed", "worker": "gw0", "began": 1000.0 + 9.5, "ended": 1000.0 + 39.5},
+            {"duration_s": 10.0, "outcome": "passed", "worker": "gw0", "began": 1000.0 + 39.5, "ended": 1000.0 + 49.5},
+        ],
+    }
+    assert "  worker gw0: 1 starts (20.0 s), checks 20.0 s, busy 40.0 s, in tests from 9.5 s to 49.5 s" in summarize(report, 52.0, started=1000.0)
+    assert "  worker gw0: 1 starts (20.0 s), checks 20.0 s, busy 40.0 s" in summarize(report, 52.0)  # no start time: no timeline
