@@ -6,7 +6,9 @@ test count and queues another group on a worker while it still has two tests to 
 ends with one worker starting the small groups' engines one after another while the others wait
 (measured on an H100: five starts in a row on one of four workers). Here a worker gets its next
 group only when its last test is about to run, and the groups the built-in suite knows to be long
-go first (:data:`pytest_rlparity.suite.LONGEST_FIRST`); other groups follow, most tests first.
+go first (:data:`pytest_rlparity.suite.LONGEST_FIRST`); other groups follow, most tests first. A
+worker whose group is a single test must know its next one before it runs it: it gets the shortest
+group left, so that the long ones go to the workers that finish first.
 
 Relies on pytest-xdist's ``LoadGroupScheduling`` internals (3.x: ``workqueue``,
 ``_assign_work_unit``, ``_pending_of``); where they are missing, pytest-xdist schedules as usual.
@@ -56,8 +58,13 @@ def engine_group_scheduling(config: pytest.Config, log: Any, longest_first: Sequ
 
     class EngineGroupScheduling(LoadGroupScheduling):  # type: ignore[misc,valid-type]
         def _assign_work_unit(self, node: Any) -> None:
-            first = min(self.workqueue, key=lambda scope: (rank.get(scope, len(rank)), -len(self.workqueue[scope])))
-            self.workqueue.move_to_end(first, last=False)
+            order = sorted(self.workqueue, key=lambda scope: (rank.get(scope, len(rank)), -len(self.workqueue[scope])))
+            # A worker that must queue a group before it has finished a test (its group is one test,
+            # e.g. an RL run) stays busy the longest: it queues the shortest group, and the longest
+            # remaining ones wait for the workers that free up first.
+            given = self.assigned_work.get(node) or {}
+            waiting = bool(given) and not any(done for scope in given.values() for done in scope.values())
+            self.workqueue.move_to_end(order[-1] if waiting else order[0], last=False)
             super()._assign_work_unit(node)
 
         def _reschedule(self, node: Any) -> None:

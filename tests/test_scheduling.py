@@ -48,35 +48,37 @@ SUITE = [
     "test_inference_path.py::test_runtime[async]@runtime-mode-engines",
     "test_inference_path.py::test_runtime[compiled]@runtime-mode-engines",
     "test_inference_path.py::test_lm_head@lm-head-engines",
-    *(f"test_inference_path.py::test_update_{i}@path-engine" for i in range(7)),
+    *(f"test_inference_path.py::test_update_{i}@path-engine" for i in range(4)),
+    *(f"test_inference_path.py::test_in_flight[{mode}]@in-flight-engine" for mode in ("keep", "wait", "abort")),
+    *(f"test_inference_path.py::test_transfer[{backend}]@transfer-engines" for backend in ("nccl", "ipc")),
     *(f"test_objective.py::test_rl[{loss}]@rl-engine-{loss}" for loss in ("gspo", "grpo", "ppo")),
 ]
 
 
-def test_the_longest_groups_go_first_and_a_one_test_group_takes_its_next_at_once():
+def test_the_longest_groups_go_first_and_a_one_test_group_queues_the_shortest_left():
     _, nodes = start(SUITE, 4)
     assert [groups_of(n, SUITE) for n in nodes] == [
-        ["path-engine"],
-        # A worker must know its next test before it runs its only one: the next group comes at once.
-        ["rl-engine-gspo", "lm-head-engines"],
-        ["rl-engine-grpo", "session-engine"],
-        ["rl-engine-ppo", "runtime-mode-engines"],
+        ["in-flight-engine"],
+        # A worker must know its next test before it runs its only one: the next group comes at once,
+        # and it is the shortest, since this worker will be busy the longest.
+        ["rl-engine-gspo", "transfer-engines"],
+        ["rl-engine-grpo", "chunked-prefill-engine"],
+        ["rl-engine-ppo", "session-engine"],
     ]
 
 
-def test_a_worker_takes_its_next_group_when_its_last_test_is_about_to_run():
+def test_a_worker_takes_the_longest_group_left_when_its_last_test_is_about_to_run():
     scheduler, nodes = start(SUITE, 4)
-    path = nodes[0]
-    for index in path.received[0][:5]:
-        scheduler.mark_test_complete(path, index)
-    assert groups_of(path, SUITE) == ["path-engine"]  # two tests left: no second engine queued behind them
-    scheduler.mark_test_complete(path, path.received[0][5])
-    assert groups_of(path, SUITE) == ["path-engine", "chunked-prefill-engine"]
+    in_flight = nodes[0]
+    scheduler.mark_test_complete(in_flight, in_flight.received[0][0])
+    assert groups_of(in_flight, SUITE) == ["in-flight-engine"]  # two tests left: no second engine queued behind them
+    scheduler.mark_test_complete(in_flight, in_flight.received[0][1])
+    assert groups_of(in_flight, SUITE) == ["in-flight-engine", "path-engine"]
 
 
 def test_groups_it_does_not_know_follow_by_test_count():
     collection = [*SUITE, "mine.py::test_a@my-engine", "mine.py::test_b@my-engine", "mine.py::test_c@other-engine"]
-    _, nodes = start(collection, 10)
+    _, nodes = start(collection, 12)
     assert [groups_of(n, collection)[0] for n in nodes][-2:] == ["my-engine", "other-engine"]
 
 

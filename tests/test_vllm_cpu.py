@@ -282,6 +282,47 @@ def test_an_engine_core_crash_fails_that_call_with_the_engines_own_error_and_set
         pool.close_all()
 
 
+def test_closing_an_inline_engine_never_breaks_another_that_the_pool_hands_out(no_leaked_engines, tiny_model, trainer):
+    """Closing an inline vLLM engine destroys the process's model-parallel groups, which every inline engine
+    in the process shares: with two running, the one the pool hands out after the other's eviction died
+    on its next call ("pipeline model parallel group is not initialized"; it failed the RL loop of a serial
+    CPU run). The pool keeps one inline engine at a time and starts another when one is asked for again."""
+    from pytest_rlparity.engines.pool import EnginePool
+    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.settings import SamplingSettings
+
+    pool = EnginePool(VLLMEngine, str(tiny_model), dict(DEFAULT_KWARGS), options=StartOptions(engine_core="inline"))
+    try:
+        pool.get()
+        pool.get(enable_prefix_caching=True)
+        pool.get(engine_core="process")  # the pool's second slot: in the serial run it evicted an inline engine
+        prompt = trainer.tokenizer("def main(argv):").input_ids
+        assert len(pool.get(enable_prefix_caching=True).generate([prompt], SamplingSettings(temperature=0.0, max_tokens=4))[0].token_ids) == 4
+        assert len(pool.starts) == 3
+    finally:
+        pool.close_all()
+
+
+def test_pauses_an_inline_engine_core_cannot_finish_fail_at_once_and_leave_it_usable(no_leaked_engines, tiny_model, trainer):
+    """vLLM refuses a ``wait`` pause inline; an ``abort`` pause inline would leave its requests unfinished
+    forever (the in-process core sends no final outputs), so it is refused before any request is sent
+    rather than after the request timeout. ``keep`` works inline."""
+    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.errors import EngineError
+    from pytest_rlparity.model import tokens_of_length
+    from pytest_rlparity.settings import SamplingSettings
+
+    prompts = [tokens_of_length(trainer.tokenizer, 40) + [i] for i in range(5, 8)]
+    settings = SamplingSettings(temperature=0.8, max_tokens=16, ignore_eos=True)
+    with VLLMEngine.start(str(tiny_model), DEFAULT_KWARGS, StartOptions(request_timeout=60, engine_core="inline")) as engine:
+        for mode in ("wait", "abort"):
+            with pytest.raises(EngineError, match=f"'{mode}'.*engine_core='process'"):
+                engine.generate_across_update(prompts, settings, lambda: None, mode=mode, clear_cache=True)
+            assert not engine.llm.llm_engine.has_unfinished_requests()
+        kept = engine.generate_across_update(prompts, settings, lambda: None, mode="keep", clear_cache=True)
+        assert all(len(c.token_ids) == 16 and c.tokens_before_update >= 4 for c in kept)
+
+
 def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_worker(no_leaked_engines, tmp_path):
     """``pytest -n 2 --rlparity`` on the semantic layer while both workers rewrite goldens: every golden is
     valid afterwards and holds the committed numbers; the summary and the report have both workers'

@@ -363,6 +363,11 @@ class VLLMEngine(VLLMInstallation):
             raise EngineError(f"max_tokens={settings.max_tokens} leaves no tokens to sample after the pause at {after_tokens}")
         if self.llm is None:
             raise EngineError("the engine was closed")
+        if mode == "abort" and self.inline:
+            raise EngineError(
+                "an 'abort' pause never ends with the engine core inline: vLLM's in-process core drops the requests "
+                "without sending their final outputs, so they stay unfinished; start the engine with engine_core='process'"
+            )
         if "mode" not in inspect.signature(self.llm.sleep).parameters:
             raise EngineError(f"{self.info.version} cannot pause running requests (LLM.sleep has no mode argument); upgrade vLLM")
         from vllm import SamplingParams

@@ -18,14 +18,15 @@ from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavai
 from pytest_rlparity.layers import causes
 from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens
 from pytest_rlparity.settings import SamplingSettings
-from pytest_rlparity.suite import CHUNK, UPDATE_ENGINE
+from pytest_rlparity.suite import CHUNK, RL_ENGINE, UPDATE_ENGINE
 
 pytestmark = pytest.mark.inference_path
 
 # Each test names the engine configuration it uses as its xdist group: with
 # `pytest -n N --dist loadgroup` the configurations start side by side, one per worker.
 ON_SESSION_ENGINE = pytest.mark.xdist_group("session-engine")
-ON_UPDATE_ENGINE = pytest.mark.xdist_group("path-engine")
+ON_PATH_ENGINE = pytest.mark.xdist_group("path-engine")
+ON_UPDATE_ENGINE = pytest.mark.xdist_group("in-flight-engine")
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=16)
 SAMPLED = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24)
@@ -52,11 +53,16 @@ def device(vllm_paths, rlparity_session) -> str:
 
 @pytest.fixture
 def fresh_path_engine(vllm_paths, rlparity_engine_factory, rlparity_session):
-    """The engine with prefix caching and the update extension, at base weights, cache empty."""
-    engine = rlparity_engine_factory(**UPDATE_ENGINE)
-    engine.update_weights(str(rlparity_session.model_dir))
-    engine.reset_prefix_cache()
-    return engine
+    """``fresh(kwargs=RL_ENGINE)`` -> the engine with prefix caching and the update extension (the RL
+    loop's engine), at base weights, cache empty."""
+
+    def fresh(kwargs: dict = RL_ENGINE):
+        engine = rlparity_engine_factory(**kwargs)
+        engine.update_weights(str(rlparity_session.model_dir))
+        engine.reset_prefix_cache()
+        return engine
+
+    return fresh
 
 
 @ON_SESSION_ENGINE
@@ -199,10 +205,11 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
         assert worse >= HEAD_WORSE, f"a bf16 head is only {worse:.2f}x worse on the large-logits model: this check cannot see head precision"
 
 
-@ON_UPDATE_ENGINE
+@ON_PATH_ENGINE
 def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_session, rlparity_trainer, long_prompts, rlparity_tolerance):
-    cold = fresh_path_engine.generate(long_prompts, GREEDY)
-    warm = fresh_path_engine.generate(long_prompts, GREEDY)
+    engine = fresh_path_engine()
+    cold = engine.generate(long_prompts, GREEDY)
+    warm = engine.generate(long_prompts, GREEDY)
     hits = [c.cached_tokens or 0 for c in warm]
     assert min(hits) >= 128, f"the prefix cache was not hit ({hits}): this check did not exercise the cached path"
     # In reduced precision a cached prefix is computed by other kernels than a whole prefill: a greedy
@@ -243,10 +250,10 @@ def train_and_push(trainer, engine, directory, prompts, history, *, method="relo
     engine.update_weights(trainer.save(directory / f"v{len(history)}"), method=method)
 
 
-@ON_UPDATE_ENGINE
+@ON_PATH_ENGINE
 @pytest.mark.parametrize("method", ["reload_dir", "reload_tensors"])
 def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method):
-    updates_reach(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method)
+    updates_reach(fresh_path_engine(), policy, rlparity_prompts, rlparity_tolerance, tmp_path, method)
 
 
 @pytest.mark.xdist_group("transfer-engines")
@@ -279,16 +286,17 @@ def updates_reach(engine, policy, prompts, tolerance, tmp_path, method):
         check_after_update(engine, trainer, history, prompts, GREEDY, tolerance, checksums=checksums).raise_if_failed()
 
 
-@ON_UPDATE_ENGINE
+@ON_PATH_ENGINE
 def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path):
     trainer, base = policy
     trainer.load_state(base)
     history = [trainer.state()]
-    fresh_path_engine.generate(long_prompts, GREEDY)  # fill the cache with KV of v0
-    train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history)
-    fresh_path_engine.reset_prefix_cache()
+    engine = fresh_path_engine()
+    engine.generate(long_prompts, GREEDY)  # fill the cache with KV of v0
+    train_and_push(trainer, engine, tmp_path, rlparity_prompts, history)
+    engine.reset_prefix_cache()
     history.append(trainer.state())
-    check_after_update(fresh_path_engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
+    check_after_update(engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
 @ON_UPDATE_ENGINE
@@ -297,14 +305,16 @@ def test_requests_in_flight_across_an_update(fresh_path_engine, policy, long_pro
     """Pause with ``mode`` and clear_cache=True, take an optimizer step, push it, resume.
 
     Every token must match the weights that sampled it, and requests after the update
-    (for ``abort``: the aborted ones resubmitted) the new weights.
+    (for ``abort``: the aborted ones resubmitted) the new weights. These checks alone need the
+    engine core in a process of its own (:data:`UPDATE_ENGINE`), so they alone start that engine.
     """
     trainer, base = policy
     trainer.load_state(base)
     history = [trainer.state()]
+    engine = fresh_path_engine(UPDATE_ENGINE)
     check_update_in_flight(
-        fresh_path_engine, trainer, history,
-        lambda: train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history),
+        engine, trainer, history,
+        lambda: train_and_push(trainer, engine, tmp_path, rlparity_prompts, history),
         long_prompts, IN_FLIGHT, rlparity_tolerance, mode=mode, clear_cache=True, after_tokens=PAUSE_AFTER,
     ).raise_if_failed()
 
