@@ -196,20 +196,20 @@ class OutcomeRecorder:
         self.record = record
         self.spent: dict[str, float] = {}
         """Seconds per test over its phases so far: set-up (where engines start) counts."""
-        self.began: dict[str, float] = {}
-        """When each test's set-up began (seconds since the epoch)."""
+        self.began: dict[str, float | None] = {}
+        """When each test's set-up began (seconds since the epoch), where pytest's reports carry ``start``."""
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
             if key == STARTS_KEY:
                 self.record.engine_starts += value
         self.spent[report.nodeid] = self.spent.get(report.nodeid, 0.0) + report.duration
-        self.began.setdefault(report.nodeid, report.start)
+        self.began.setdefault(report.nodeid, _rounded(getattr(report, "start", None)))
         if report.when == "teardown":
             recorded = next((o for o in reversed(self.record.outcomes) if o.nodeid == report.nodeid), None)
             if recorded is not None:
                 recorded.duration = self.spent[report.nodeid]
-                recorded.ended = round(report.stop, 2)
+                recorded.ended = _rounded(getattr(report, "stop", None))
         if not (report.when == "call" or (report.when == "setup" and not report.passed)):
             return
         layer = next((m for m in LAYERS if m in report.keywords), None)
@@ -226,9 +226,13 @@ class OutcomeRecorder:
                 self.spent[report.nodeid],
                 props.get(results.PROPERTY, []),
                 getattr(report, "worker_id", None),
-                round(self.began[report.nodeid], 2),
+                self.began[report.nodeid],
             )
         )
+
+
+def _rounded(moment: float | None) -> float | None:
+    return round(moment, 2) if moment else None
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -326,7 +326,7 @@ def test_pauses_an_inline_engine_core_cannot_finish_fail_at_once_and_leave_it_us
 def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_worker(no_leaked_engines, tmp_path):
     """``pytest -n 2 --rlparity`` on the semantic layer while both workers rewrite goldens: every golden is
     valid afterwards and holds the committed numbers; the summary and the report have both workers'
-    engine starts and golden notes."""
+    engine starts, golden notes and moments in the run."""
     from pytest_rlparity.golden import GoldenRecord, compare_golden, load
     from pytest_rlparity.numerics import numerics_for
 
@@ -345,6 +345,7 @@ def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_
     assert out.count("golden rewritten: ") == 12
     run = json.loads(report.read_text())
     assert len({s["worker"] for s in run["run"]["engine_starts"]}) == 2 and len(run["tests"]) == 15
+    assert all(t["began"] <= t["ended"] for t in run["tests"]), "each test's moments in the run's timeline (bench reads them)"
     written = sorted((goldens / "cpu-float32" / "semantic").iterdir())
     assert [p.name for p in written] == sorted(p.name for p in committed.iterdir())  # no *.tmp left, nothing extra
     tolerance = numerics_for("float32").golden

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.inference_path
 # `pytest -n N --dist loadgroup` the configurations start side by side, one per worker.
 ON_SESSION_ENGINE = pytest.mark.xdist_group("session-engine")
 ON_PATH_ENGINE = pytest.mark.xdist_group("path-engine")
-ON_UPDATE_ENGINE = pytest.mark.xdist_group("in-flight-engine")
+ON_IN_FLIGHT_ENGINE = pytest.mark.xdist_group("in-flight-engine")
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=16)
 SAMPLED = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24)
@@ -51,18 +51,23 @@ def device(vllm_paths, rlparity_session) -> str:
     return rlparity_session.build.device
 
 
+def at_base_weights(engine, session):
+    """``engine`` with the session model's weights and an empty prefix cache (an earlier test may have trained it)."""
+    engine.update_weights(str(session.model_dir))
+    engine.reset_prefix_cache()
+    return engine
+
+
 @pytest.fixture
 def fresh_path_engine(vllm_paths, rlparity_engine_factory, rlparity_session):
-    """``fresh(kwargs=RL_ENGINE)`` -> the engine with prefix caching and the update extension (the RL
-    loop's engine), at base weights, cache empty."""
+    """The RL loop's engine (prefix caching, the update extension), at base weights, cache empty."""
+    return at_base_weights(rlparity_engine_factory(**RL_ENGINE), rlparity_session)
 
-    def fresh(kwargs: dict = RL_ENGINE):
-        engine = rlparity_engine_factory(**kwargs)
-        engine.update_weights(str(rlparity_session.model_dir))
-        engine.reset_prefix_cache()
-        return engine
 
-    return fresh
+@pytest.fixture
+def fresh_in_flight_engine(vllm_paths, rlparity_engine_factory, rlparity_session):
+    """The same engine with its core in a process of its own (:data:`UPDATE_ENGINE`), which pauses need."""
+    return at_base_weights(rlparity_engine_factory(**UPDATE_ENGINE), rlparity_session)
 
 
 @ON_SESSION_ENGINE
@@ -207,9 +212,8 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
 
 @ON_PATH_ENGINE
 def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_session, rlparity_trainer, long_prompts, rlparity_tolerance):
-    engine = fresh_path_engine()
-    cold = engine.generate(long_prompts, GREEDY)
-    warm = engine.generate(long_prompts, GREEDY)
+    cold = fresh_path_engine.generate(long_prompts, GREEDY)
+    warm = fresh_path_engine.generate(long_prompts, GREEDY)
     hits = [c.cached_tokens or 0 for c in warm]
     assert min(hits) >= 128, f"the prefix cache was not hit ({hits}): this check did not exercise the cached path"
     # In reduced precision a cached prefix is computed by other kernels than a whole prefill: a greedy
@@ -253,7 +257,7 @@ def train_and_push(trainer, engine, directory, prompts, history, *, method="relo
 @ON_PATH_ENGINE
 @pytest.mark.parametrize("method", ["reload_dir", "reload_tensors"])
 def test_weight_updates_reach_the_engine(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method):
-    updates_reach(fresh_path_engine(), policy, rlparity_prompts, rlparity_tolerance, tmp_path, method)
+    updates_reach(fresh_path_engine, policy, rlparity_prompts, rlparity_tolerance, tmp_path, method)
 
 
 @pytest.mark.xdist_group("transfer-engines")
@@ -291,17 +295,16 @@ def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_pr
     trainer, base = policy
     trainer.load_state(base)
     history = [trainer.state()]
-    engine = fresh_path_engine()
-    engine.generate(long_prompts, GREEDY)  # fill the cache with KV of v0
-    train_and_push(trainer, engine, tmp_path, rlparity_prompts, history)
-    engine.reset_prefix_cache()
+    fresh_path_engine.generate(long_prompts, GREEDY)  # fill the cache with KV of v0
+    train_and_push(trainer, fresh_path_engine, tmp_path, rlparity_prompts, history)
+    fresh_path_engine.reset_prefix_cache()
     history.append(trainer.state())
-    check_after_update(engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
+    check_after_update(fresh_path_engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
-@ON_UPDATE_ENGINE
+@ON_IN_FLIGHT_ENGINE
 @pytest.mark.parametrize("mode", PAUSE_MODES)
-def test_requests_in_flight_across_an_update(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path, mode):
+def test_requests_in_flight_across_an_update(fresh_in_flight_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path, mode):
     """Pause with ``mode`` and clear_cache=True, take an optimizer step, push it, resume.
 
     Every token must match the weights that sampled it, and requests after the update
@@ -311,10 +314,9 @@ def test_requests_in_flight_across_an_update(fresh_path_engine, policy, long_pro
     trainer, base = policy
     trainer.load_state(base)
     history = [trainer.state()]
-    engine = fresh_path_engine(UPDATE_ENGINE)
     check_update_in_flight(
-        engine, trainer, history,
-        lambda: train_and_push(trainer, engine, tmp_path, rlparity_prompts, history),
+        fresh_in_flight_engine, trainer, history,
+        lambda: train_and_push(trainer, fresh_in_flight_engine, tmp_path, rlparity_prompts, history),
         long_prompts, IN_FLIGHT, rlparity_tolerance, mode=mode, clear_cache=True, after_tokens=PAUSE_AFTER,
     ).raise_if_failed()
 
