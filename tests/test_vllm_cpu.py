@@ -284,18 +284,22 @@ def test_an_engine_core_crash_fails_that_call_with_the_engines_own_error_and_set
 
 def test_closing_an_inline_engine_never_breaks_another_that_the_pool_hands_out(no_leaked_engines, tiny_model, trainer):
     """Closing an inline vLLM engine destroys the process's model-parallel groups, which every inline engine
-    in the process shares: with two running, the one the pool hands out after the other's eviction died
+    in the process shares: with two running, the one the pool handed out after the other's eviction died
     on its next call ("pipeline model parallel group is not initialized"; it failed the RL loop of a serial
-    CPU run). The pool keeps one inline engine at a time and starts another when one is asked for again."""
+    CPU run, where a process-core start made the room). The pool keeps one inline engine at a time and
+    starts another when one is asked for again. Here a configuration whose start fails at once makes the
+    room, as cheaply."""
     from pytest_rlparity.engines.pool import EnginePool
     from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.errors import EngineError
     from pytest_rlparity.settings import SamplingSettings
 
     pool = EnginePool(VLLMEngine, str(tiny_model), dict(DEFAULT_KWARGS), options=StartOptions(engine_core="inline"))
     try:
         pool.get()
         pool.get(enable_prefix_caching=True)
-        pool.get(engine_core="process")  # the pool's second slot: in the serial run it evicted an inline engine
+        with pytest.raises(EngineError, match="not_an_engine_arg"):
+            pool.get(not_an_engine_arg=1)
         prompt = trainer.tokenizer("def main(argv):").input_ids
         assert len(pool.get(enable_prefix_caching=True).generate([prompt], SamplingSettings(temperature=0.0, max_tokens=4))[0].token_ids) == 4
         assert len(pool.starts) == 3
