@@ -6,8 +6,9 @@ Runs ``pytest --rlparity`` with the arguments given, then reads the run's JSON r
 the wall time, each engine start, the longest one, the time in checks (the tests' set-up, call
 and teardown, less the engine starts) and ``wall / (longest start + checks / workers)``: 1.0 when
 every start but the longest overlaps the checks, higher when starts queue one after another. Under
-``pytest -n N`` the checks are shared by the workers, and each worker's starts, checks and busy
-time are printed: the busiest worker is the run's critical path.
+``pytest -n N`` the checks are shared by the workers, and each worker's starts, checks, busy time
+and first and last moment in tests are printed: the busiest worker is the run's critical path, and
+what follows its last test is the session's close.
 """
 
 from __future__ import annotations
