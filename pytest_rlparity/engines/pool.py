@@ -62,7 +62,8 @@ class EnginePool:
         kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
         model = str(kwargs.pop("model", self.model))
         core = str(kwargs.pop("engine_core", self.options.engine_core))
-        key = json.dumps({"model": model, "engine_core": core, **kwargs}, sort_keys=True, default=str)
+        cores = {"engine_core": core} if ENGINE_CORE in self.engine.capabilities else {}  # else one engine serves both
+        key = json.dumps({"model": model, **cores, **kwargs}, sort_keys=True, default=str)
         if key in self._failed:  # do not pay a failing start twice
             raise self._failed[key]
         if key in self._alive:
@@ -70,7 +71,7 @@ class EnginePool:
                 self._alive.move_to_end(key)
                 return self._alive[key]
             self._alive.pop(key).close()  # its process died under an earlier test: start a new one
-        inline = ENGINE_CORE in self.engine.capabilities and core == "inline"
+        inline = cores.get("engine_core") == "inline"
         if inline:  # closing an inline engine tears down state every inline engine here shares: one at a time
             for other in [k for k in self._alive if k in self._inline]:
                 self._alive.pop(other).close()
@@ -83,7 +84,6 @@ class EnginePool:
         except EngineError as exc:
             self._failed[key] = exc
             raise
-        cores = {"engine_core": core} if ENGINE_CORE in self.engine.capabilities else {}
         self.starts.append(StartRecord({**kwargs, **cores}, time.monotonic() - began))
         self._alive[key] = engine
         if inline:

@@ -1,0 +1,43 @@
+"""Which configurations share an engine, and which engines the pool closes, with fake engines (the real
+failure each rule prevents is shown on vLLM in test_vllm_cpu)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pytest_rlparity.engines.base import ENGINE_CORE, HTTP, StartOptions
+from pytest_rlparity.engines.pool import EnginePool
+
+
+class FakeEngine:
+    capabilities: ClassVar[frozenset[str]] = frozenset({ENGINE_CORE})
+
+    def __init__(self, kwargs: dict[str, Any], core: str) -> None:
+        self.kwargs, self.core, self.closed = kwargs, core, False
+
+    @classmethod
+    def start(cls, model: str, kwargs: dict[str, Any], options: StartOptions) -> FakeEngine:
+        return cls(kwargs, options.engine_core)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeServer(FakeEngine):
+    capabilities: ClassVar[frozenset[str]] = frozenset({HTTP})
+
+
+def test_an_inline_engine_starts_only_once_the_other_inline_ones_are_closed():
+    pool = EnginePool(FakeEngine, "m", {}, max_alive=3, options=StartOptions(engine_core="inline"))
+    first = pool.get()
+    process = pool.get(engine_core="process")
+    assert not first.closed  # a process-core start leaves the inline engine running
+    second = pool.get(seed=1)
+    assert first.closed and not process.closed and not second.closed
+    assert pool.get(engine_core="process") is process
+
+
+def test_where_no_engine_core_can_be_chosen_one_engine_serves_both():
+    pool = EnginePool(FakeServer, "m", {}, options=StartOptions(engine_core="inline"))
+    assert pool.get(prefix=True) is pool.get(prefix=True, engine_core="process")
+    assert len(pool.starts) == 1 and "engine_core" not in pool.starts[0].kwargs
