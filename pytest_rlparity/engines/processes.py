@@ -303,9 +303,10 @@ def watchdog(seconds: float, on_expiry: Callable[[], None], *, inline: bool = Fa
         _timed_out.clear()
 
 
-SHARED_HELPERS = ("multiprocessing.resource_tracker", "_inductor/compile_worker")
+SHARED_HELPERS = ("multiprocessing.resource_tracker", "_inductor/compile_worker", "--torch-key=")
 """Helpers a library starts once per process and shares with everything in it, found in their command
-lines: multiprocessing's resource tracker and torch inductor's pool of compile workers. Both end with
+lines: multiprocessing's resource tracker and torch inductor's pool of compile workers (its script, or
+the prebuilt binary torch may run instead, which takes ``--torch-key=``). Both end with
 this process. An engine whose core runs inline starts the compile pool when it first compiles; were it
 taken for that engine's and killed with it, the next engine to compile in this process would wait on
 the dead pool forever (seen on an H100: an lm_head engine's start hung after the RL engine closed)."""
