@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -321,13 +322,11 @@ def _children() -> list[psutil.Process]:
         children = psutil.Process().children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    shared = {p.pid for p in children if _is_shared_helper(p)}
-    for proc in children:
-        try:
-            if proc.pid not in shared and any(parent.pid in shared for parent in proc.parents()):
-                shared.add(proc.pid)
-        except psutil.Error:
-            continue
+    shared: set[int] = set()
+    for helper in filter(_is_shared_helper, children):
+        shared.add(helper.pid)
+        with contextlib.suppress(psutil.Error):
+            shared |= {p.pid for p in helper.children(recursive=True)}
     return [p for p in children if p.pid not in shared]
 
 
