@@ -156,3 +156,12 @@ def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path,
                 "logprobs, 1 vs 102 requests), so the control cannot show the flag's effect; set RLPARITY_CONTROL_MODEL"
             )
         pytest.fail(f"batching changes no bits of {model} without {FLAG}: the control shows nothing")
+
+
+def test_an_inline_engine_starts_after_the_one_before_it_closed(tiny_model, prompts):
+    """The pool keeps one inline engine alive at a time, so a worker starts the next once the last has closed:
+    the new one must capture its CUDA graphs, though vLLM keeps one graph pool per process."""
+    for prefix_caching in (True, False):
+        kwargs = gpu_kwargs(enable_prefix_caching=prefix_caching)
+        with VLLMEngine.start(str(tiny_model), kwargs, StartOptions(engine_core="inline")) as engine:
+            assert all(c.token_ids for c in engine.generate(prompts, GREEDY))

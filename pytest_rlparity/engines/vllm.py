@@ -449,6 +449,8 @@ class VLLMEngine(VLLMInstallation):
                 pass
             del llm
             gc.collect()
+            if self.inline:
+                _forget_graph_pool()
         self.processes.kill()
 
     def __enter__(self) -> VLLMEngine:
@@ -551,3 +553,21 @@ def _engine_core(inline: bool) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+def _forget_graph_pool() -> None:
+    """Let the next in-process engine capture its CUDA graphs into a memory pool of its own.
+
+    vLLM makes one graph pool per process (``Platform._global_graph_pool``) and hands its id to every
+    engine. Once the engine that used it is closed, torch has let go of the pool, yet vLLM still hands
+    out its id: the next engine's capture fails ("it->second->use_count > 0 INTERNAL ASSERT FAILED",
+    then "Offset increment outside graph capture", vLLM 0.26 on an H100). The pool keeps one inline
+    engine alive at a time (:mod:`.pool`), so the closed one was the pool's last user.
+    """
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return
+    platform = type(current_platform)
+    if getattr(platform, "_global_graph_pool", None) is not None:
+        platform._global_graph_pool = None
