@@ -561,8 +561,9 @@ def _forget_graph_pool() -> None:
     vLLM makes one graph pool per process (``Platform._global_graph_pool``) and hands its id to every
     engine. Once the engine that used it is closed, torch has let go of the pool, yet vLLM still hands
     out its id: the next engine's capture fails ("it->second->use_count > 0 INTERNAL ASSERT FAILED",
-    then "Offset increment outside graph capture", vLLM 0.26 on an H100). The pool keeps one inline
-    engine alive at a time (:mod:`.pool`), so the closed one was the pool's last user.
+    then "Offset increment outside graph capture", vLLM 0.26 on an H100). The session's pool keeps one
+    inline engine alive at a time (:mod:`.pool`), so every inline start but a worker's first met this.
+    An engine still running keeps the graphs it captured; only engines started later get a new pool.
     """
     try:
         from vllm.platforms import current_platform
