@@ -307,6 +307,25 @@ def test_closing_an_inline_engine_never_breaks_another_that_the_pool_hands_out(n
         pool.close_all()
 
 
+def test_after_an_inline_close_vllm_hands_the_next_engine_a_new_cuda_graph_pool(monkeypatch):
+    """The fault (an inline start after the last inline engine closed captures into a pool torch has let go)
+    needs CUDA graphs: ``tests/test_gpu.py`` shows it. This pins, on CPU, the vLLM API the fix relies on, so
+    that a vLLM release that renames it fails here rather than on a user's GPU."""
+    from vllm.platforms import current_platform
+
+    from pytest_rlparity.engines.vllm import _forget_graph_pool
+
+    platform = type(current_platform)
+    handles = iter(range(10))
+    # torch.cuda's handle on a GPU (vLLM's platforms forward to it), a counter here
+    monkeypatch.setattr(platform, "graph_pool_handle", lambda self: ("pool", next(handles)), raising=False)
+    monkeypatch.setattr(platform, "_global_graph_pool", None)
+    first = current_platform.get_global_graph_pool()
+    assert current_platform.get_global_graph_pool() == first  # one pool per process, handed to every engine
+    _forget_graph_pool()
+    assert current_platform.get_global_graph_pool() not in (None, first)
+
+
 def test_pauses_an_inline_engine_core_cannot_finish_fail_at_once_and_leave_it_usable(no_leaked_engines, tiny_model, trainer):
     """vLLM refuses a ``wait`` pause inline; an ``abort`` pause inline would leave its requests unfinished
     forever (the in-process core sends no final outputs), so it is refused before any request is sent
