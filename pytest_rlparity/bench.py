@@ -7,8 +7,9 @@ the wall time, each engine start, the longest one, the time in checks (the tests
 and teardown, less the engine starts) and ``wall / (longest start + checks / workers)``: 1.0 when
 every start but the longest overlaps the checks, higher when starts queue one after another. Under
 ``pytest -n N`` the checks are shared by the workers, and each worker's starts, checks, busy time
-and first and last moment in tests are printed: the busiest worker is the run's critical path, and
-what follows its last test is the session's close.
+and first and last moment in tests are printed: the busiest worker is the run's critical path. The
+time outside tests (pytest's start-up before the first, the engines' close and the exit after the
+last) is printed too: no engine work can overlap it.
 """
 
 from __future__ import annotations
@@ -48,8 +49,16 @@ def summarize(report: dict[str, Any], wall: float, started: float | None = None)
             line += f", in tests from {min(began) - started:.1f} s to {max(ended) - started:.1f} s"
         lines.append(line)
     ideal = longest + checks / max(len(workers), 1)
+    lines.append(f"wall                 {wall:7.1f} s")
+    began = [t["began"] for t in report["tests"] if t.get("began")]
+    ended = [t["ended"] for t in report["tests"] if t.get("ended")]
+    if started is not None and began and ended:
+        before, after = min(began) - started, wall - (max(ended) - started)
+        lines.append(
+            f"outside tests        {before + after:7.1f} s   ({before:.1f} s before the first: start-up and collection;"
+            f" {after:.1f} s after the last: closing engines, exit)"
+        )
     lines += [
-        f"wall                 {wall:7.1f} s",
         f"engine starts        {len(seconds):7d}   ({sum(seconds):.1f} s in all, longest {longest:.1f} s)",
         f"checks               {checks:7.1f} s" + (f"   (on {len(workers)} workers)" if workers else ""),
         f"wall / (longest start + checks{' / workers' if workers else ''}) = {wall / max(ideal, 1e-9):.2f}",

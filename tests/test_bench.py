@@ -50,4 +50,6 @@ def test_each_worker_shows_when_its_first_test_began_and_its_last_ended():
         ],
     }
     assert "  worker gw0: 1 starts (20.0 s), checks 20.0 s, busy 40.0 s, in tests from 9.5 s to 49.5 s" in summarize(report, 52.0, started=1000.0)
+    assert "outside tests           12.0 s   (9.5 s before the first: start-up and collection; 2.5 s after the last: closing engines, exit)" in summarize(report, 52.0, started=1000.0)
     assert "  worker gw0: 1 starts (20.0 s), checks 20.0 s, busy 40.0 s" in summarize(report, 52.0)  # no start time: no timeline
+    assert not any(line.startswith("outside tests") for line in summarize(report, 52.0))
