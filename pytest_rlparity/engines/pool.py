@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -92,35 +91,9 @@ class EnginePool:
         return engine
 
     def close_all(self) -> None:
-        """Close every engine. Those that are not inline only wait on processes of their own (vLLM's
-        graceful shutdown of a process core: 3-4 s on an H100), so they close side by side, each in a
-        thread; inline ones close in this thread, one by one. Raises the first error of a close once
-        every engine is closed."""
-        engines, self._alive = self._alive, OrderedDict()
-        failed: list[Exception] = []
-
-        def close(engine: Engine) -> None:
-            try:
-                engine.close()
-            except Exception as exc:  # noqa: BLE001 - raised below, once every engine is closed
-                failed.append(exc)
-
-        beside = [
-            threading.Thread(target=close, args=(engine,), name="rlparity-close", daemon=True)
-            for key, engine in engines.items()
-            if key not in self._inline
-        ]
-        for thread in beside:
-            thread.start()
-        try:
-            for key, engine in engines.items():
-                if key in self._inline:
-                    close(engine)
-        finally:
-            for thread in beside:
-                thread.join()
-        if failed:
-            raise failed[0]
+        while self._alive:
+            _, engine = self._alive.popitem(last=False)
+            engine.close()
 
 
 class EngineHandle:
