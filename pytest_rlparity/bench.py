@@ -43,17 +43,15 @@ def summarize(report: dict[str, Any], wall: float, started: float | None = None)
         busy = sum(float(t["duration_s"]) for t in tests)
         mine = [float(s["seconds"]) for s in starts if s.get("worker") == worker]
         line = f"  worker {worker}: {len(mine)} starts ({sum(mine):.1f} s), checks {max(busy - sum(mine), 0.0):.1f} s, busy {busy:.1f} s"
-        began = [t["began"] for t in tests if t.get("began")]
-        ended = [t["ended"] for t in tests if t.get("ended")]
-        if started is not None and began and ended:
-            line += f", in tests from {min(began) - started:.1f} s to {max(ended) - started:.1f} s"
+        span = _in_tests(tests, started)
+        if span:
+            line += f", in tests from {span[0]:.1f} s to {span[1]:.1f} s"
         lines.append(line)
     ideal = longest + checks / max(len(workers), 1)
     lines.append(f"wall                 {wall:7.1f} s")
-    began = [t["began"] for t in report["tests"] if t.get("began")]
-    ended = [t["ended"] for t in report["tests"] if t.get("ended")]
-    if started is not None and began and ended:
-        before, after = min(began) - started, wall - (max(ended) - started)
+    span = _in_tests(report["tests"], started)
+    if span:
+        before, after = span[0], wall - span[1]
         lines.append(
             f"outside tests        {before + after:7.1f} s   ({before:.1f} s before the first: start-up and collection;"
             f" {after:.1f} s after the last: closing engines, exit)"
@@ -64,6 +62,16 @@ def summarize(report: dict[str, Any], wall: float, started: float | None = None)
         f"wall / (longest start + checks{' / workers' if workers else ''}) = {wall / max(ideal, 1e-9):.2f}",
     ]
     return lines
+
+
+def _in_tests(tests: list[dict[str, Any]], started: float | None) -> tuple[float, float] | None:
+    """When the first of ``tests`` began and the last ended, in seconds after ``started``; ``None``
+    where the report or the caller does not say."""
+    began = [t["began"] for t in tests if t.get("began")]
+    ended = [t["ended"] for t in tests if t.get("ended")]
+    if started is None or not began or not ended:
+        return None
+    return min(began) - started, max(ended) - started
 
 
 def main(argv: list[str]) -> int:
