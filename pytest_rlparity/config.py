@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 ENGINE_CORES = ("auto", "inline", "process")
+WORKER_EXITS = ("fast", "full")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Options:
     CPU, where a spawned core spends 15 s importing torch and vLLM again; a process on GPUs)."""
     server_url: str | None = None
     """A running vLLM server to test (``vllm-server`` engine) instead of starting one."""
+    worker_exit: str = "fast"
+    """How a pytest-xdist worker ends once its session is over: ``fast`` (without the interpreter's
+    teardown, :mod:`pytest_rlparity.worker_exit`) or ``full``."""
     tolerance: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`~pytest_rlparity.settings.Tolerance` fields from a profile."""
 
@@ -150,9 +154,12 @@ def resolve(config: pytest.Config) -> Options:
         trainer_device=opt("rlparity_trainer_device") or config.getini("rlparity_trainer_device") or None,
         engine_core=opt("rlparity_engine_core") or config.getini("rlparity_engine_core") or "auto",
         server_url=opt("rlparity_server_url") or config.getini("rlparity_server_url") or None,
+        worker_exit=config.getini("rlparity_worker_exit") or "fast",
     )
     if options.engine_core not in ENGINE_CORES:
         raise pytest.UsageError(f"rlparity_engine_core {options.engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
+    if options.worker_exit not in WORKER_EXITS:
+        raise pytest.UsageError(f"rlparity_worker_exit {options.worker_exit!r}: choose one of {', '.join(WORKER_EXITS)}")
     kwargs: dict[str, Any] = {}
     sources: dict[str, str] = {}
 

@@ -59,7 +59,9 @@ def rlparity_engine(rlparity_session: RLParitySession) -> EngineHandle:
 @pytest.fixture(scope="session")
 def rlparity_engine_factory(rlparity_session: RLParitySession) -> Callable[..., EngineHandle]:
     """``factory(**kwarg_overrides)`` -> a running engine with the session's kwargs and these on top;
-    engines are shared per configuration and closed at the end of the session.
+    engines are shared per configuration and closed at the end of the session, or sooner by the
+    handle's ``release()`` where no later test needs that configuration (a class-scoped fixture's
+    teardown, say): its memory and processes go at once.
 
     :param kwarg_overrides: engine kwargs, e.g. ``factory(enable_prefix_caching=True)``;
         ``engine_core="process"`` runs a vLLM engine core in a process of its own;

@@ -15,7 +15,7 @@ from collections.abc import Generator
 import pytest
 
 from . import config as rlconfig
-from . import results
+from . import results, worker_exit
 from .engines import registry
 from .errors import EngineError, GoldenError, ParityError
 from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
@@ -99,6 +99,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("rlparity_trainer_device", "where the trainer runs (default: the engine's device)", default="")
     parser.addini("rlparity_engine_core", "where vLLM's engine core runs: auto, inline or process", default="auto")
     parser.addini("rlparity_server_url", "a running vLLM server to test (engine vllm-server)", default="")
+    parser.addini(
+        "rlparity_worker_exit",
+        "how a pytest-xdist worker ends after its session: fast (without the interpreter's 2-3 s teardown) or full",
+        default="fast",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -257,9 +262,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    """Close every engine (again: idempotent); a pytest-xdist worker, its session over, then ends without the
+    interpreter's teardown, which the controller would wait for (:mod:`pytest_rlparity.worker_exit`)."""
     parity = get_session(config)
     if parity is not None:
         parity.close()
+        if parity.worker and parity.options.worker_exit == "fast":
+            worker_exit.arm()
 
 
 TERM_GRACE_S = 30.0

@@ -41,3 +41,13 @@ def test_where_no_engine_core_can_be_chosen_one_engine_serves_both():
     pool = EnginePool(FakeServer, "m", {}, options=StartOptions(engine_core="inline"))
     assert pool.get(prefix=True) is pool.get(prefix=True, engine_core="process")
     assert len(pool.starts) == 1 and "engine_core" not in pool.starts[0].kwargs
+
+
+def test_a_released_configuration_closes_at_once_and_starts_again_when_asked():
+    pool = EnginePool(FakeEngine, "m", {}, options=StartOptions(engine_core="inline"))
+    process, inline = pool.get(engine_core="process"), pool.get()
+    pool.release(engine_core="process")
+    assert process.closed and not inline.closed
+    pool.release(engine_core="process")  # nothing running with it: nothing to do
+    again = pool.get(engine_core="process")
+    assert again is not process and not again.closed and len(pool.starts) == 3

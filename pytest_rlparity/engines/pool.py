@@ -59,11 +59,8 @@ class EnginePool:
         ``model=DIR`` serves another model directory instead of the pool's; ``engine_core="process"``
         asks for a vLLM engine core in processes of its own (a ``wait`` pause needs one).
         """
-        kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
-        model = str(kwargs.pop("model", self.model))
-        core = str(kwargs.pop("engine_core", self.options.engine_core))
-        cores = {"engine_core": core} if ENGINE_CORE in self.engine.capabilities else {}  # else one engine serves both
-        key = json.dumps({"model": model, **cores, **kwargs}, sort_keys=True, default=str)
+        key, model, core, kwargs = self._configuration(overrides)
+        cores = self._cores(core)
         if key in self._failed:  # do not pay a failing start twice
             raise self._failed[key]
         if key in self._alive:
@@ -89,6 +86,26 @@ class EnginePool:
         if inline:
             self._inline.add(key)
         return engine
+
+    def release(self, **overrides: Any) -> None:
+        """Close the engine with ``overrides`` now, where no later test needs it: its memory and processes are
+        freed mid-session, and its shutdown (a process core's takes 3-4 s on a GPU) does not wait for the
+        session's end. A later ``get`` starts it again."""
+        key = self._configuration(overrides)[0]
+        if key in self._alive:
+            self._alive.pop(key).close()
+
+    def _configuration(self, overrides: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+        """The pool's key for ``overrides``, the model, where the engine core runs and the engine kwargs."""
+        kwargs = {k: v for k, v in {**self.base_kwargs, **overrides}.items() if v is not None}
+        model = str(kwargs.pop("model", self.model))
+        core = str(kwargs.pop("engine_core", self.options.engine_core))
+        return json.dumps({"model": model, **self._cores(core), **kwargs}, sort_keys=True, default=str), model, core, kwargs
+
+    def _cores(self, core: str) -> dict[str, str]:
+        """Where the engine core runs, as part of a configuration (for an engine that has no choice, one
+        engine serves both)."""
+        return {"engine_core": core} if ENGINE_CORE in self.engine.capabilities else {}
 
     def close_all(self) -> None:
         while self._alive:
@@ -151,5 +168,9 @@ class EngineHandle:
             raise EngineError(f"the {engine.info.name} engine cannot {what}")
         return engine
 
+    def release(self) -> None:
+        """Close the engine now: no later test needs it (:meth:`EnginePool.release`)."""
+        self._pool.release(**self._overrides)
+
     def close(self) -> None:
-        """The pool owns the engine; it closes it at the end of the session."""
+        """The pool owns the engine; it closes it at the end of the session (or at :meth:`release`)."""

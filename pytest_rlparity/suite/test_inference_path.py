@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_rlparity.compare import compare_logprobs, precision_floor
-from pytest_rlparity.engines.base import PAUSE_MODES, VLLM_ENGINE_ARGS
+from pytest_rlparity.engines.base import ENGINE_CORE, PAUSE_MODES, VLLM_ENGINE_ARGS
 from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
 from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
 from pytest_rlparity.layers import causes
@@ -62,12 +62,6 @@ def at_base_weights(engine, session):
 def fresh_path_engine(vllm_paths, rlparity_engine_factory, rlparity_session):
     """The RL loop's engine (prefix caching, the update extension), at base weights, cache empty."""
     return at_base_weights(rlparity_engine_factory(**RL_ENGINE), rlparity_session)
-
-
-@pytest.fixture
-def fresh_in_flight_engine(vllm_paths, rlparity_engine_factory, rlparity_session):
-    """The same engine with its core in a process of its own (:data:`UPDATE_ENGINE`), which pauses need."""
-    return at_base_weights(rlparity_engine_factory(**UPDATE_ENGINE), rlparity_session)
 
 
 @ON_SESSION_ENGINE
@@ -303,22 +297,35 @@ def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_pr
 
 
 @ON_IN_FLIGHT_ENGINE
-@pytest.mark.parametrize("mode", PAUSE_MODES)
-def test_requests_in_flight_across_an_update(fresh_in_flight_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path, mode):
-    """Pause with ``mode`` and clear_cache=True, take an optimizer step, push it, resume.
+class TestAcrossAnUpdate:
+    """Requests in flight while a trainer's update lands. These checks alone need the engine core in a
+    process of its own (:data:`UPDATE_ENGINE`), so they alone start that engine, and it closes after the
+    last of them: its shutdown (3-4 s on a GPU) then overlaps the other workers' checks instead of
+    ending the session."""
 
-    Every token must match the weights that sampled it, and requests after the update
-    (for ``abort``: the aborted ones resubmitted) the new weights. These checks alone need the
-    engine core in a process of its own (:data:`UPDATE_ENGINE`), so they alone start that engine.
-    """
-    trainer, base = policy
-    trainer.load_state(base)
-    history = [trainer.state()]
-    check_update_in_flight(
-        fresh_in_flight_engine, trainer, history,
-        lambda: train_and_push(trainer, fresh_in_flight_engine, tmp_path, rlparity_prompts, history),
-        long_prompts, IN_FLIGHT, rlparity_tolerance, mode=mode, clear_cache=True, after_tokens=PAUSE_AFTER,
-    ).raise_if_failed()
+    @pytest.fixture(scope="class")
+    def in_flight_engine(self, vllm_paths, rlparity_session, rlparity_engine_factory):
+        engine = rlparity_engine_factory(**UPDATE_ENGINE)
+        yield engine
+        if rlparity_session.supports(ENGINE_CORE):  # else (a server) the path checks and the RL loop share it
+            engine.release()
+
+    @pytest.mark.parametrize("mode", PAUSE_MODES)
+    def test_requests_in_flight(self, in_flight_engine, rlparity_session, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path, mode):
+        """Pause with ``mode`` and clear_cache=True, take an optimizer step, push it, resume.
+
+        Every token must match the weights that sampled it, and requests after the update
+        (for ``abort``: the aborted ones resubmitted) the new weights.
+        """
+        engine = at_base_weights(in_flight_engine, rlparity_session)
+        trainer, base = policy
+        trainer.load_state(base)
+        history = [trainer.state()]
+        check_update_in_flight(
+            engine, trainer, history,
+            lambda: train_and_push(trainer, engine, tmp_path, rlparity_prompts, history),
+            long_prompts, IN_FLIGHT, rlparity_tolerance, mode=mode, clear_cache=True, after_tokens=PAUSE_AFTER,
+        ).raise_if_failed()
 
 
 def policy_shift(trainer, old_state, prompts, tolerance) -> tuple[float, float]:
