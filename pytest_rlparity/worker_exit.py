@@ -1,9 +1,9 @@
 """How a pytest-xdist worker of a parity run ends: its exit handlers run, the interpreter's teardown does not.
 
 With torch and vLLM imported, Python's own teardown (clearing every module, the last garbage
-collections) takes 2-3.5 s a process after the session has ended and every exit handler has run
-(1.8 s for ``import torch, vllm, transformers`` alone on a 2-core CPU; 2.3-3.5 s for a worker of
-the GPU suite). pytest-xdist's controller waits for each worker's process to end, so the last
+collections) takes seconds after the session has ended and every exit handler has run: 1.8 s for
+``import torch, vllm, transformers`` alone on a 2-core CPU, 2.5-3.3 s for a worker of the GPU suite
+on an H100. pytest-xdist's controller waits for each worker's process to end, so the last
 worker's teardown is the run's last seconds, which nothing overlaps. Once its session is over
 (engines closed, results sent), a worker of a ``--rlparity`` run therefore ends with ``os._exit``
 after the exit handlers: those registered after this module (vLLM's, torch's, a test's) run first,
