@@ -15,7 +15,7 @@ from collections.abc import Generator
 import pytest
 
 from . import config as rlconfig
-from . import results, worker_exit
+from . import cpu_workers, results, worker_exit
 from .engines import registry
 from .errors import EngineError, GoldenError, ParityError
 from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
@@ -117,6 +117,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session = RLParitySession(options, worker=hasattr(config, "workerinput"))
         config.stash[SESSION_KEY] = session
         config.pluginmanager.register(OutcomeRecorder(session.record), "rlparity-outcomes")
+        cpu_workers.wait_passively(config, session.trainer_device)
         _interrupt_on_sigterm()
 
 

