@@ -16,13 +16,16 @@ def test_sees_the_policy():
 '''
 
 
+ON_CPU = "--rlparity-trainer-device=cpu"
+
+
 @pytest.mark.parametrize(
     ("args", "env", "seen"),
     [
-        (["-n", "2"], {}, "PASSIVE"),
-        (["-n", "2"], {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's own choice stays
-        ([], {}, "unset"),  # one process: nothing to share
-        (["-n", "2", "--rlparity-trainer-device=cuda"], {}, "unset"),  # the workers compute on a GPU
+        ([ON_CPU, "-n", "2"], {}, "PASSIVE"),
+        ([ON_CPU, "-n", "2"], {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's own choice stays
+        ([ON_CPU], {}, "unset"),  # one process: nothing to share
+        (["--rlparity-trainer-device=cuda", "-n", "2"], {}, "unset"),  # the workers compute on a GPU
     ],
     ids=["two-workers", "set-by-the-user", "no-workers", "gpu-trainer"],
 )
@@ -30,8 +33,6 @@ def test_workers_on_the_cpu_wait_passively(tmp_path, monkeypatch, args, env, see
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # this session's own, from tests/conftest.py
     (tmp_path / "test_policy.py").write_text(SEES_THE_POLICY)
     out = tmp_path / "seen"
-    cpu = [] if "--rlparity-trainer-device=cuda" in args else ["--rlparity-trainer-device=cpu"]
-    result = run_pytest("--rlparity", "--rlparity-report=none", *cpu, *args, "test_policy.py", cwd=tmp_path,
-                        env={"POLICY_SEEN": str(out), **env})
+    result = run_pytest("--rlparity", "--rlparity-report=none", *args, "test_policy.py", cwd=tmp_path, env={"POLICY_SEEN": str(out), **env})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert out.read_text() == seen

@@ -248,10 +248,10 @@ class VLLMServerEngine(VLLMInstallation):
 
         All prompts go in one streamed request (with one seed), so the server adds them to the engine
         together and they sample in step: sent one by one, on a busy machine the first could finish
-        before the last had started. ``clear_cache`` is ``/reset_prefix_cache?reset_running_requests=true`` while paused (the server's
-        own ``clear_cache`` query is ignored for ``keep`` in vLLM 0.32). Tokens streamed before the pause
-        settles count as sampled before the update. ``labels`` go to ``/update_weight_version``; the
-        completions API does not report versions per token.
+        before the last had started. ``clear_cache`` is ``/reset_prefix_cache?reset_running_requests=true``
+        while paused (the server's own ``clear_cache`` query is ignored for ``keep`` in vLLM 0.32). Tokens
+        streamed before the pause settles count as sampled before the update. ``labels`` go to
+        ``/update_weight_version``; the completions API does not report versions per token.
         """
         if mode not in PAUSE_MODES:
             raise EngineError(f"unknown pause mode {mode!r}: {', '.join(PAUSE_MODES)}")
