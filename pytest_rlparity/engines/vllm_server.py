@@ -185,7 +185,7 @@ class VLLMServerEngine(VLLMInstallation):
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> list[Completion]:
         """One HTTP request per prompt, all at once (the server batches them), each with its own seed."""
-        bodies = [self._completion_body(p, settings, request_seed(settings, i)) for i, p in enumerate(prompts)]
+        bodies = [self._completion_body(self._prompt(p), settings, request_seed(settings, i)) for i, p in enumerate(prompts)]
         answers = self._complete_all(bodies, f"generate ({len(prompts)} prompts, {settings.label()})")
         return [self._completion(list(p), answer["choices"][0], answer.get("usage")) for p, answer in zip(prompts, answers)]
 
@@ -259,7 +259,7 @@ class VLLMServerEngine(VLLMInstallation):
             raise EngineError(f"max_tokens={settings.max_tokens} leaves no tokens to sample after the pause at {after_tokens}")
         if labels:
             self._post("/update_weight_version", {"new_version": labels[0]})
-        body = self._completion_body(prompts, settings, request_seed(settings, 0), stream=True)
+        body = self._completion_body([self._prompt(p) for p in prompts], settings, request_seed(settings, 0), stream=True)
         batch = _StreamedBatch(self, body, len(prompts))
         paused = False
         try:
@@ -307,13 +307,12 @@ class VLLMServerEngine(VLLMInstallation):
 
     # -- HTTP ---------------------------------------------------------------------------------------
 
-    def _completion_body(self, prompt: Sequence[int] | Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None, *,
+    def _completion_body(self, prompt: list[int] | str | list[list[int]] | list[str], settings: SamplingSettings, seed: int | None, *,
                          stream: bool = False) -> dict[str, Any]:
-        """One prompt, or several in one request (the completions API's list of prompts)."""
-        several = bool(prompt) and not isinstance(prompt[0], int)
+        """``prompt`` as sent (:meth:`_prompt`): one, or a list of them in one request (one seed for all)."""
         body: dict[str, Any] = {
             "model": self._model,
-            "prompt": [self._prompt(p) for p in prompt] if several else self._prompt(prompt),
+            "prompt": prompt,
             "temperature": settings.temperature,
             "top_k": settings.top_k,
             "top_p": settings.top_p,
