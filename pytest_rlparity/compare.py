@@ -57,6 +57,8 @@ class Comparison:
     worst: list[TokenRow] = field(default_factory=list)
     out_of_support: list[TokenRow] = field(default_factory=list)
     not_a_number: list[TokenRow] = field(default_factory=list)
+    impossible: list[TokenRow] = field(default_factory=list)
+    """Sampled tokens the engine gives probability 0 (``sampled=True``): it cannot have drawn them so."""
     pairs: tuple[Sequence[float], Sequence[float]] = ((), ())
     """Every finite (engine, trainer) pair compared, in order: what the plots show."""
     floor: dict[str, float] | None = None
@@ -83,7 +85,7 @@ class Comparison:
     @property
     def empty(self) -> bool:
         """No token on either side: the comparison checked nothing (which fails it)."""
-        return not (self.stats.get("tokens") or self.out_of_support or self.not_a_number)
+        return not (self.stats.get("tokens") or self.out_of_support or self.not_a_number or self.impossible)
 
     def recorded_stats(self) -> dict[str, float]:
         """The statistics a golden keeps: this comparison's, and with a floor, the floor's and each ratio to it."""
@@ -130,6 +132,9 @@ class Comparison:
         if self.not_a_number:
             lines.append(f"{len(self.not_a_number)} token(s) with NaN logprobs:")
             lines.append(token_table(self.not_a_number[:limit]))
+        if self.impossible:
+            lines.append(f"{len(self.impossible)} sampled token(s) the engine gives probability 0 (logprob -inf):")
+            lines.append(token_table(self.impossible[:limit]))
         return "\n".join(lines)
 
 
@@ -142,6 +147,7 @@ def compare_logprobs(
     decode: Callable[[list[int]], str] | None = None,
     floor: Ragged | None = None,
     floor_stats: dict[str, float] | None = None,
+    sampled: bool = False,
     worst: int = 10,
 ) -> Comparison:
     """Compare per-token logprobs sequence by sequence; never raises on a mismatch.
@@ -151,6 +157,10 @@ def compare_logprobs(
     from ``trainer``. Where ``trainer`` is not the fp32 trainer (two engine paths compared),
     pass ``floor_stats`` (:func:`precision_floor` of the twin against the fp32 trainer)
     instead. One of them is required for a calibrated tolerance; both are ignored otherwise.
+
+    ``sampled``: ``engine`` holds the logprobs of tokens the engine itself sampled, so a ``-inf`` there is
+    impossible (a NaN or vLLM's JSON ``-9999`` turned into ``-inf`` on the way, or another distribution's
+    logprobs) and fails, where elsewhere it marks a token outside one side's top-k/top-p support.
     """
     tolerance = tolerance or Tolerance()
     if len(engine) != len(trainer):
@@ -172,6 +182,7 @@ def compare_logprobs(
     rows: list[TokenRow] = []
     outside: list[TokenRow] = []
     nans: list[TokenRow] = []
+    impossible: list[TokenRow] = []
     for s, (eng, tr) in enumerate(zip(engine, trainer)):
         if len(eng) != len(tr):
             raise ValueError(
@@ -182,7 +193,9 @@ def compare_logprobs(
         for pos, (e, t) in enumerate(zip(eng, tr)):
             tid = int(ids[pos]) if ids is not None else None
             row = TokenRow(s, pos, tid, _token_text(tid, decode), float(e), float(t))
-            if row.engine == row.trainer == -math.inf:
+            if sampled and row.engine == -math.inf:
+                impossible.append(row)
+            elif row.engine == row.trainer == -math.inf:
                 continue  # both sides agree the token is impossible
             if math.isnan(row.engine) or math.isnan(row.trainer):
                 nans.append(row)
@@ -195,8 +208,12 @@ def compare_logprobs(
     stats = mismatch_stats(finite_e, finite_t)
     stats["out_of_support"] = len(outside)
     stats["not_a_number"] = len(nans)
+    if sampled:
+        stats["engine_impossible"] = len(impossible)
     rows.sort(key=lambda r: abs(r.diff), reverse=True)
-    comparison = Comparison(stats, tolerance, [], rows[:worst], outside, nans, (finite_e, finite_t), floor_stats if factors else None, factors)
+    comparison = Comparison(
+        stats, tolerance, [], rows[:worst], outside, nans, impossible, (finite_e, finite_t), floor_stats if factors else None, factors
+    )
     comparison.violations = _violations(comparison, tolerance, rows)
     return comparison
 
@@ -205,10 +222,13 @@ def precision_floor(floor: Ragged, trainer: Ragged) -> dict[str, float]:
     """How far the trainer in the engine's precision is from the trainer in fp32, on the same tokens."""
     if len(floor) != len(trainer) or any(len(f) != len(t) for f, t in zip(floor, trainer)):
         raise ValueError("the precision floor must hold one logprob per trainer logprob")
-    low, full, outside, total = [], [], 0, 0
+    low, full, outside, total, nans = [], [], 0, 0, 0
     for f_seq, t_seq in zip(floor, trainer):
         for f, t in zip(f_seq, t_seq):
-            if (f == t == -math.inf) or math.isnan(f) or math.isnan(t):
+            if (f == t == -math.inf) or math.isnan(t):
+                continue  # a NaN on the fp32 side is a bad token id, which the comparison itself reports
+            if math.isnan(f):
+                nans += 1
                 continue
             total += 1
             if math.isinf(f) or math.isinf(t):
@@ -218,6 +238,7 @@ def precision_floor(floor: Ragged, trainer: Ragged) -> dict[str, float]:
                 full.append(float(t))
     stats = mismatch_stats(low, full)
     stats["out_of_support_share"] = outside / total if total else 0.0
+    stats["not_a_number"] = nans
     return stats
 
 
@@ -231,6 +252,7 @@ def assert_logprobs_close(
     floor: Ragged | None = None,
     title: str = "engine vs trainer",
     layer: str = "custom",
+    sampled: bool = True,
 ) -> Comparison:
     """Assert that two sets of per-token logprobs agree; raise :class:`ParityError` with a table if not.
 
@@ -244,6 +266,8 @@ def assert_logprobs_close(
         needed when the tolerance is calibrated (bf16 engines).
     :param title: the first words of the failure message and the report entry.
     :param layer: the report layer this check belongs to.
+    :param sampled: ``engine`` holds logprobs of the tokens the engine sampled, so a ``-inf`` there fails
+        (pass ``False`` for other tokens, e.g. reported alternatives, where ``-inf`` means outside the support).
 
     Example::
 
@@ -252,7 +276,7 @@ def assert_logprobs_close(
                               floor=recomputed.floor_processed, token_ids=[c.token_ids for c in completions])
     """
     __tracebackhide__ = True
-    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, floor=floor)
+    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, floor=floor, sampled=sampled)
     publish(comparison.entry(title, layer), comparison)
     if not comparison.ok:
         raise ParityError(comparison.report(title), layer=layer)
@@ -266,6 +290,11 @@ def _violations(comparison: Comparison, tolerance: Tolerance, rows: Sequence[Tok
     found = []
     if comparison.not_a_number:
         found.append(f"{len(comparison.not_a_number)} NaN logprob(s)")
+    if comparison.impossible:
+        found.append(
+            f"{len(comparison.impossible)} sampled token(s) with engine logprob -inf: the engine gives probability 0 to "
+            "a token it sampled (a NaN, or vLLM's JSON -9999, read as -inf on the way?)"
+        )
     total = len(comparison.out_of_support) + int(stats.get("tokens", 0))
     if comparison.out_of_support and len(comparison.out_of_support) > tolerance.max_out_of_support * total:
         found.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 class ParityError(AssertionError):
     """A parity check failed. ``layer`` says where; ``cause`` names the likely culprit."""
@@ -24,3 +26,8 @@ class GoldenError(AssertionError):
 
 class EngineError(RuntimeError):
     """An engine could not be configured, started, or stopped answering."""
+
+
+class ReferenceCheckError(pytest.UsageError):
+    """The reference the engine is judged against (the fp32 trainer, its precision twin, the floor between
+    them) is wrong or empty: no verdict is given, since one against a wrong reference means nothing."""

@@ -27,6 +27,7 @@ from .files import safe_name, write_atomic
 from .layers import causes
 from .numerics import GoldenTolerance
 from .results import publish
+from .settings import FLOOR_CEILINGS
 
 if TYPE_CHECKING:
     from .compare import Comparison
@@ -332,8 +333,19 @@ def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: Gol
             f"{len(diverged)} of {len(old_seqs)} sequences sample other tokens than the golden (first at sequence "
             f"{first[0]}, position {first[1]}); logprobs compared on the {compared} token(s) before the divergence"
         )
-    atol = max(tolerance.logprob_atol, tolerance.logprob_floor_factor * golden.get("stats", {}).get("floor_max_abs", 0.0))
-    if not worst[0] <= atol:
+    if any(seq.get("tokens") for seq in old_seqs) and not compared:
+        diff.problems.append(
+            "no logprob was compared with the golden: every sequence samples another token than the golden at "
+            "position 0, so the golden checked nothing (another sampler, seed or model than the golden's? refresh "
+            "it with --rlparity-update-goldens if the change is intended)"
+        )
+    atol = drift_bound(tolerance, golden.get("stats", {}).get("floor_max_abs", 0.0))
+    if atol is None:
+        diff.problems.append(
+            f"the golden's precision floor (floor_max_abs {golden['stats']['floor_max_abs']!r}) is not finite or "
+            f"beyond {FLOOR_CEILINGS['max_abs']:g}: it cannot scale the drift bound; re-record the golden"
+        )
+    elif not worst[0] <= atol:
         gap, i, pos = worst
         diff.problems.append(
             f"logprobs drift from the golden by up to {gap:.3g} > {atol:.3g} "
@@ -350,6 +362,16 @@ def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: Gol
             if not delta <= atol:
                 diff.problems.append(f"statistic {name}: golden {old:.4g}, now {new:.4g} (|diff| > {atol:g})")
     return diff
+
+
+def drift_bound(tolerance: GoldenTolerance, floor_max_abs: float) -> float | None:
+    """The per-token drift allowed from a golden: the absolute bound, or the golden's own precision floor
+    times its factor where larger, never above :data:`~pytest_rlparity.settings.FLOOR_CEILINGS`'s
+    ``max_abs``; ``None`` for a floor that cannot scale a bound (not finite, or beyond that ceiling)."""
+    ceiling = FLOOR_CEILINGS["max_abs"]
+    if not 0.0 <= floor_max_abs <= ceiling:
+        return None
+    return min(max(tolerance.logprob_atol, tolerance.logprob_floor_factor * floor_max_abs), ceiling)
 
 
 def _compare_curves(old_curves: dict[str, list[float]], new_curves: dict[str, list[float]], tolerance: GoldenTolerance, diff: GoldenDiff) -> None:

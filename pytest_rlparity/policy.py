@@ -44,14 +44,63 @@ class Policy:
         return torch.as_tensor(rows, device=self.device)
 
     def _forward(self, ids: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
-        """float32 logits of ``ids`` (after the KV in ``past``, if any), and the KV cache grown by ``ids``."""
-        if self.head_dtype == self.dtype and self._head is None:
+        """float32 logits of ``ids`` (after the KV in ``past``, if any), and the KV cache grown by ``ids``.
+
+        Always the model's own forward, so whatever it does after the head (Gemma2's soft-cap, Granite's
+        and Cohere's logit scale) or before it (MiniCPM3's hidden scaling) is applied; only the head's
+        matmul runs in ``head_dtype`` (:meth:`_head_in`)."""
+        with self._head_in(self.head_dtype, self._head):
             out = self.model(input_ids=ids, past_key_values=past, use_cache=past is not None)
-            return out.logits[0].float(), out.past_key_values
-        out = self.model.get_decoder()(input_ids=ids, past_key_values=past, use_cache=past is not None)
-        head = self.model.get_output_embeddings().weight if self._head is None else self._head
-        dtype = getattr(torch, self.head_dtype)
-        return torch.nn.functional.linear(out.last_hidden_state[0].to(dtype), head.to(dtype)).float(), out.past_key_values
+        return out.logits[0].float(), out.past_key_values
+
+    @contextlib.contextmanager
+    def _head_in(self, head_dtype: str, weight: torch.Tensor | None = None) -> Iterator[None]:
+        """Within the block the lm_head computes in ``head_dtype`` (with ``weight`` instead of its own, if
+        given), as vLLM's ``hf_overrides={"head_dtype": ...}`` does; nothing changes where that is a no-op."""
+        if head_dtype == self.dtype and weight is None:
+            yield
+            return
+        head = self.model.get_output_embeddings()
+        dtype = getattr(torch, head_dtype)
+        w = head.weight if weight is None else weight
+        bias = getattr(head, "bias", None)
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(hidden.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype))
+
+        head.forward = forward  # an instance attribute shadows the class's forward for this block only
+        try:
+            yield
+        finally:
+            del head.forward
+
+    def check_logits_path(self, sequence: Sequence[int]) -> None:
+        """Raise :class:`~pytest_rlparity.errors.ReferenceCheckError` unless the path every recompute
+        takes gives ``model()``'s own logits bit for bit on ``sequence``.
+
+        The head swap of :meth:`_head_in` is forced on at this policy's own dtype, where it must change
+        nothing: a path that skipped what the architecture does around its head would differ here."""
+        from .errors import ReferenceCheckError
+
+        with torch.no_grad():
+            plain = self.model(input_ids=self._ids([list(sequence)])).logits[0].float()
+            saved, self._head = self._head, self.model.get_output_embeddings().weight
+            dtype, self.head_dtype = self.head_dtype, self.dtype
+            try:
+                path = self.logits(sequence)
+            finally:
+                self._head, self.head_dtype = saved, dtype
+        if not torch.equal(plain, path):
+            raise ReferenceCheckError(
+                f"{self.architecture}: the trainer's logits path (the model's forward with its lm_head computed in a "
+                f"chosen dtype) differs from the model's own forward at the same precision by up to "
+                f"{float((plain - path).abs().max()):.3g}: the precision twin and any fp32-head trainer of this "
+                "architecture would be wrong. Run the suite with an fp32 engine and trainer, or report the architecture."
+            )
+
+    @property
+    def architecture(self) -> str:
+        return ", ".join(getattr(self.model.config, "architectures", None) or [type(self.model).__name__])
 
     def completion_logits(
         self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False, old_kv: tuple[dict[str, torch.Tensor], int] | None = None

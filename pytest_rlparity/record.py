@@ -87,7 +87,7 @@ class RunRecord:
         report = build_report({}, self.outcomes, LAYERS)
         for layer, row in report["layers"].items():
             lines.append(
-                f"{layer:<15} {'FAILED' if row['failed'] else 'ok':<7} {row['passed']} passed, {row['failed']} failed, "
+                f"{layer:<15} {VERDICT_SHOWN[row['verdict']]:<11} {row['passed']} passed, {row['failed']} failed, "
                 f"{row['skipped']} skipped" + (f"  - {LAYER_DOC[layer]}" if layer in LAYER_DOC else "")
             )
             for test in report["tests"]:
@@ -155,6 +155,16 @@ def advice_for(cause: str | None) -> str | None:
     return found.advice if found is not None else None
 
 
+VERDICT_SHOWN = {"failed": "FAILED", "not checked": "not checked", "ok": "ok"}
+
+
+def layer_verdict(counts: dict[str, int]) -> str:
+    """``failed`` if a test failed, ``not checked`` if none passed (all skipped: nothing was shown), else ``ok``."""
+    if counts["failed"]:
+        return "failed"
+    return "ok" if counts["passed"] else "not checked"
+
+
 def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ...]) -> dict[str, Any]:
     """The machine-readable report: the run, a verdict per layer, and every test with its checks."""
     layer_rows = {}
@@ -165,7 +175,7 @@ def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ..
         if not mine:
             continue
         counts = {k: sum(o.outcome == k for o in mine) for k in ("passed", "failed", "skipped")}
-        layer_rows[layer] = {"verdict": "failed" if counts["failed"] else "ok", **counts}
+        layer_rows[layer] = {"verdict": layer_verdict(counts), **counts}
         for o in mine:
             tests.append(
                 {

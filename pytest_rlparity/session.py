@@ -51,6 +51,10 @@ class RLParitySession:
             migration=options.baseline,
         )
         self._trainers: dict[tuple[str, str, str, tuple[str, str] | None], Trainer] = {}
+        self._reference: str | BaseException | None = None
+        """``"checked"``, or the error of the reference check (:meth:`check_reference`); ``None`` before it."""
+        self.reference_floor: dict[str, float] | None = None
+        """The precision twin's floor on fixed text found by the reference check (``None`` for an fp32 engine)."""
 
     @functools.cached_property
     def model_dir(self) -> Path:
@@ -102,6 +106,7 @@ class RLParitySession:
 
         Returns a handle that survives the pool closing the engine to make room.
         """
+        self.check_reference()
         self.pool.get(**overrides)  # start now, so start-up errors surface in the caller
         return cast("Engine", self.pool.handle(**overrides))
 
@@ -113,10 +118,30 @@ class RLParitySession:
         ``twin``: the precision twin's ``(dtype, head_dtype)``; by default the engine's precision
         (:attr:`engine_precision`, none for an fp32 engine), which calibrated comparisons need.
         """
+        self.check_reference()
         key = (str(model_dir or self.model_dir), dtype, head_dtype or dtype, self._twin(twin))
         if key not in self._trainers:
             self._trainers[key] = self.new_trainer(Path(key[0]), dtype=key[1], head_dtype=key[2], twin=key[3])
         return self._trainers[key]
+
+    def check_reference(self) -> None:
+        """Check the reference every verdict rests on (the fp32 trainer and its precision twin,
+        :meth:`Trainer.check_reference`) once per process, before the first engine starts; a
+        failure is raised again at every later use, so no test is judged against it."""
+        if self._reference is None:
+            from .errors import ReferenceCheckError
+            from .model import CORPUS
+
+            key = (str(self.model_dir), "float32", "float32", self._twin("engine"))
+            trainer = self._trainers.get(key) or self.new_trainer()
+            self._trainers[key] = trainer
+            try:
+                self.reference_floor = trainer.check_reference([trainer.tokenizer(s).input_ids for s in CORPUS[:4]])
+                self._reference = "checked"
+            except ReferenceCheckError as error:
+                self._reference = error
+        if isinstance(self._reference, BaseException):
+            raise self._reference
 
     def new_trainer(
         self, model_dir: Path | None = None, *, dtype: str = "float32", head_dtype: str | None = None, twin: Twin = "engine"

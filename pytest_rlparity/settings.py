@@ -69,6 +69,50 @@ class SamplingSettings:
 FLOOR_STATS = ("max_abs", "mean_abs", "mean_offset", "k3_kl", "prob_diff_mean", "out_of_support")
 """Statistics a reduced-precision tolerance can scale to the model's precision floor."""
 
+FLOOR_CEILINGS = {
+    "max_abs": 2.0,
+    "mean_abs": 0.25,
+    "mean_offset": 0.1,
+    "k3_kl": 0.05,
+    "prob_diff_mean": 0.05,
+    "out_of_support": 0.1,
+}
+"""The most a floor-scaled bound may allow, whatever the floor: the bf16-vs-fp32 mismatch the field
+accepts, with room (verl calls a mean |Δp| over 0.01 a precision problem and warns at |KL| 0.1; slime's
+default per-token |Δ| alarm is 0.1; a clean bf16 1B engine measured mean |Δ| 0.047-0.068, k3 0.002-0.004,
+mean |Δp| 0.007-0.012). A floor above its ceiling is not a precision floor but a wrong reference
+(:func:`check_floor`); ``out_of_support`` is a share of tokens."""
+
+
+def check_floor(floor: dict[str, float], what: str = "the precision floor") -> None:
+    """Raise :class:`~pytest_rlparity.errors.ReferenceCheckError` unless ``floor`` (mismatch statistics of
+    the trainer in the engine's precision against fp32) can scale bounds: it compared tokens, its values
+    are finite, and none is beyond what reduced precision alone explains (:data:`FLOOR_CEILINGS`).
+
+    A NaN floor would make every bound NaN (``x > nan`` is never true) and a huge one would pass any
+    engine: either way the verdict would say nothing, so none is given."""
+    from .errors import ReferenceCheckError
+
+    if not floor.get("tokens"):
+        raise ReferenceCheckError(f"{what} compared no token: there is nothing to scale the bounds to")
+    values = {**floor, "out_of_support": floor.get("out_of_support_share", 0.0)}
+    bad = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+    if floor.get("not_a_number"):
+        bad.append("not_a_number")
+    if bad:
+        raise ReferenceCheckError(
+            f"{what} is not finite ({', '.join(f'{k}={values[k]}' for k in bad)}): the trainer in the engine's "
+            "precision produced NaN or infinite logprobs, so no bound can be scaled to it"
+        )
+    beyond = {k: values[k] for k, ceiling in FLOOR_CEILINGS.items() if k in values and abs(values[k]) > ceiling}
+    if beyond:
+        raise ReferenceCheckError(
+            f"{what} is larger than reduced precision explains ("
+            + ", ".join(f"{k} {v:.3g} > {FLOOR_CEILINGS[k]:g}" for k, v in beyond.items())
+            + "): the trainer in the engine's precision does not compute what the fp32 trainer does. Check that "
+            "the model's forward is the trainer's (pytest_rlparity checks its own path at start), or judge an fp32 engine"
+        )
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -114,16 +158,19 @@ class Tolerance:
         precision against the fp32 trainer, plus ``out_of_support_share``.
 
         A floor bound is never sharper than full precision's (this class's defaults), so a
-        model whose reduced-precision run happens to equal fp32 is still judged sanely.
+        model whose reduced-precision run happens to equal fp32 is still judged sanely, and never
+        looser than :data:`FLOOR_CEILINGS`; a floor that is empty, not finite or beyond those
+        ceilings is an error (:func:`check_floor`), never a bound.
         """
+        check_floor(floor)
         changes: dict[str, Any] = {"floor_factors": {}}
         full = Tolerance()
         for stat, factor in self.floor_factors.items():
             if stat == "out_of_support":
                 share = factor * floor.get("out_of_support_share", 0.0)
-                changes["max_out_of_support"] = max(self.max_out_of_support, share)
+                changes["max_out_of_support"] = min(max(self.max_out_of_support, share), FLOOR_CEILINGS[stat])
             elif getattr(self, stat) is None:
-                changes[stat] = max(factor * floor_scale(stat, floor), getattr(full, stat))
+                changes[stat] = min(max(factor * floor_scale(stat, floor), getattr(full, stat)), FLOOR_CEILINGS[stat])
         return dataclasses.replace(self, **changes)
 
     def replace(self, **changes: Any) -> Tolerance:

@@ -27,7 +27,9 @@ class Shape:
     """An architecture and its sizes, as its ``config.json`` would give them."""
 
     architecture: str
-    """``llama`` or ``qwen2`` (QKV bias)."""
+    """A transformers ``model_type``: ``llama``, ``qwen2`` (QKV bias), ``qwen3`` (q/k norm), ``gemma2``
+    (final-logit soft-cap), ``granite`` (logits divided by ``logits_scaling``), ``cohere`` (logits times
+    ``logit_scale``), ``gptj`` (a biased lm_head)."""
     hidden: int
     layers: int
     heads: int
@@ -39,6 +41,8 @@ class Shape:
     body_std: float = 0.02
     embed_std: float = 0.08
     """Larger than the body's, so that a tied head gives peaked distributions, as a trained model does."""
+    config: tuple[tuple[str, object], ...] = ()
+    """Further ``config.json`` fields of the family: what its forward does around the lm_head."""
 
 
 SHAPES = {
@@ -49,6 +53,41 @@ SHAPES = {
     # The same kind at CPU-test size (head_dim 64: vLLM's CPU attention refuses smaller heads).
     "tiny-qwen2": Shape("qwen2", 128, 3, 2, 1, 256, 512, tied=True, rope_theta=10_000.0, body_std=0.1, embed_std=0.15),
 }
+# Families whose *ForCausalLM.forward does more than lm_head(hidden), at CPU-test size (head_dim 64). A
+# precision twin that applied the head itself got them wrong by 1.5-124 nats; the suite runs on each.
+FAMILY_SHAPES = {
+    # Gemma2: final-logit soft-cap 30 (tanh), attention soft-cap 50, scaled embeddings, tied head. The
+    # embedding is large enough that logits reach the soft-cap's curved part.
+    "tiny-gemma2": Shape(
+        "gemma2", 128, 2, 2, 1, 256, 512, tied=True, rope_theta=10_000.0, body_std=0.1, embed_std=0.15,
+        config=(("head_dim", 64), ("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
+                ("query_pre_attn_scalar", 64), ("sliding_window", 4096), ("hidden_activation", "gelu_pytorch_tanh")),
+    ),
+    # Granite: logits divided by logits_scaling (8 in Granite-3 models), plus its residual and embedding multipliers.
+    "tiny-granite": Shape(
+        "granite", 128, 2, 2, 1, 256, 512, tied=True, rope_theta=10_000.0, body_std=0.1, embed_std=0.6,
+        config=(("logits_scaling", 8.0), ("embedding_multiplier", 12.0), ("residual_multiplier", 0.22),
+                ("attention_multiplier", 0.015625)),
+    ),
+    # Cohere: logits times logit_scale (0.0625 in Command-R), LayerNorm, parallel attention and MLP.
+    "tiny-cohere": Shape(
+        "cohere", 128, 2, 2, 1, 256, 512, tied=True, rope_theta=10_000.0, body_std=0.1, embed_std=1.0,
+        config=(("logit_scale", 0.0625),),
+    ),
+    # GPT-J (and CodeGen, Phi-1/2): an lm_head with a bias, partial rotary, parallel attention and MLP, untied.
+    # (vLLM 0.32 serves Phi-1/2 through its Transformers backend, which patches transformers' classes in the
+    # process that loads it, the trainer's included, when the engine core runs inline.)
+    "tiny-gptj": Shape(
+        "gptj", 128, 2, 2, 2, 512, 512, tied=False, rope_theta=10_000.0, body_std=0.1, embed_std=0.15,
+        config=(("rotary_dim", 32), ("n_inner", 512), ("n_positions", 4096)),
+    ),
+    # Qwen3: RMSNorm on queries and keys, no QKV bias, tied.
+    "tiny-qwen3": Shape(
+        "qwen3", 128, 2, 2, 1, 256, 512, tied=True, rope_theta=10_000.0, body_std=0.1, embed_std=0.15,
+        config=(("head_dim", 64),),
+    ),
+}
+SHAPES.update(FAMILY_SHAPES)
 
 
 def local_text(limit_bytes: int) -> Iterator[str]:
@@ -100,20 +139,26 @@ def make_model(directory: Path, shape: Shape, *, seed: int = 0, dtype: str = "bf
         bos_token_id=bos_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **dict(shape.config),
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
+            if "norm" in name or ".ln_" in name:
+                param.fill_(0.0 if name.endswith("bias") or shape.architecture == "gemma2" else 1.0)  # Gemma scales by 1 + w
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * shape.body_std)
             else:
                 std = shape.embed_std if "embed_tokens" in name or "lm_head" in name else shape.body_std
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
         # EOS shares the output row of "." so that generations end now and then.
         period = tokenizer.convert_tokens_to_ids(".")
-        model.get_output_embeddings().weight[tokenizer.eos_token_id] = model.get_output_embeddings().weight[period]
+        head = model.get_output_embeddings()
+        head.weight[tokenizer.eos_token_id] = head.weight[period]
+        if getattr(head, "bias", None) is not None:
+            head.bias[tokenizer.eos_token_id] = head.bias[period]
     model.to(getattr(torch, dtype)).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     (directory / "rlparity-shape.json").write_text(json.dumps({"shape": shape.__dict__, "seed": seed, "dtype": dtype}, indent=1))

@@ -24,7 +24,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..compare import Comparison, compare_logprobs
+from ..compare import BOUNDS, Comparison, compare_logprobs
+from ..errors import ReferenceCheckError
 from ..results import publish
 from ..settings import SamplingSettings, Tolerance
 from . import causes
@@ -371,7 +372,8 @@ class _Fit:
         with self.trainer.weights(state):
             recompute = self.trainer.recompute(self.completions, self.settings)
         return compare_logprobs(
-            [c.logprobs for c in self.completions], recompute.processed, self.tolerance, floor=recompute.floor_processed
+            [c.logprobs for c in self.completions], recompute.processed, self.tolerance, floor=recompute.floor_processed,
+            sampled=True,
         )
 
     def locate(
@@ -395,6 +397,60 @@ class _Fit:
             if improved is False or best.ok:
                 break
         return changed, sorted(stale), best
+
+
+GUARD_MARGIN = 3.0
+"""An update check tells the new weights from the old only if a stale engine would break one of its bounds
+by this much: the old weights' scores of the same tokens, judged as the check judges the engine."""
+MAX_SHIFT = 4.0
+"""The most one step may move the mean |Δ logprob| of the tokens it trains on (e^4: 55x their probability):
+beyond it the step is taken again, smaller. The embedded model's step (lr 1e-2) moves them 3.4 nats; the
+same rate moved a trained 135M model's by 4.8 (on an H200), a step sized for random weights."""
+
+
+def visible_step(trainer: Trainer, sequences: Sequence[Sequence[int]], probe: Sequence[Sequence[int]], tolerance: Tolerance,
+                 *, lr: float | None = None, tries: int = 4) -> dict[str, Any]:
+    """One AdamW step on ``sequences`` that a stale engine could not hide and that leaves the model intact.
+
+    The step starts at ``lr`` (default: the width-scaled rate tuned on random weights) and is taken again
+    from the same weights, four times smaller while it moves ``probe``'s scores by more than
+    :data:`MAX_SHIFT`, four times larger while a stale engine would stay within :data:`GUARD_MARGIN` of
+    every bound. Returns the guard's numbers, which also go into the report; raises
+    ``ReferenceCheckError`` when no step size in ``tries`` is both visible and safe."""
+    from ..trainer.rl import width_scaled_lr
+
+    before = trainer.state()
+    lr = lr if lr is not None else width_scaled_lr(trainer, base=1e-2)
+    guard: dict[str, Any] = {}
+    for _ in range(tries):
+        trainer.load_state(before)
+        trainer.sft_step(sequences, lr=lr)
+        stale = stale_engine_comparison(trainer, before, probe, tolerance)
+        margin = max(abs(stale.stats[s]) / getattr(stale.tolerance, s) for s in BOUNDS if getattr(stale.tolerance, s))
+        guard = {"kind": "guard", "label": "update step", "layer": LAYER, "lr": lr, "moved_mean_abs": stale.stats["mean_abs"],
+                 "bound_mean_abs": stale.tolerance.mean_abs, "margin": margin, "needed_margin": GUARD_MARGIN, "max_shift": MAX_SHIFT}
+        if stale.stats["mean_abs"] > MAX_SHIFT:
+            lr /= 4
+        elif margin < GUARD_MARGIN:
+            lr *= 4
+        else:
+            publish({**guard, "verdict": "pass"})
+            return guard
+    publish({**guard, "verdict": "fail"})
+    raise ReferenceCheckError(
+        f"no step size in {tries} tries moves the model visibly and keeps it intact (last: lr {guard['lr']:.2g}: a stale "
+        f"engine would be {guard['margin']:.2g}x its bound, {GUARD_MARGIN:g}x needed; mean |Δ| {guard['moved_mean_abs']:.2g} "
+        f"nats, at most {MAX_SHIFT:g}): the weight-update checks would be blind to an update that changed nothing"
+    )
+
+
+def stale_engine_comparison(trainer: Trainer, old_state: dict[str, torch.Tensor], probe: Sequence[Sequence[int]], tolerance: Tolerance) -> Comparison:
+    """What an update check would see from an engine that kept ``old_state``: the old weights' scores of
+    ``probe`` against the trainer's now, with the check's tolerance (scaled to the twin's floor now)."""
+    new = trainer.score(probe)
+    with trainer.weights(old_state):
+        old = trainer.score(probe)
+    return compare_logprobs(old, new, tolerance, floor=trainer.score_floor(probe) if tolerance.calibrated else None)
 
 
 def summarize(names: Sequence[str]) -> str:

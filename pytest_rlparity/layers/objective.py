@@ -11,10 +11,11 @@ failing lower layer usually explains it, which the failure message says.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import ParityError
+from ..errors import ParityError, ReferenceCheckError
 from ..files import jsonable
 from ..numerics import OnPolicyBounds
 from ..results import publish
@@ -75,6 +76,11 @@ def _left_out(m: StepMetrics, bounds: OnPolicyBounds) -> list[str]:
     found = []
     if m.not_a_number:
         found.append(f"step {m.step}: {m.not_a_number} of {m.tokens} token(s) have a NaN behaviour or old logprob")
+    if m.behaviour_impossible:
+        found.append(
+            f"step {m.step}: the engine gives {m.behaviour_impossible} of {m.tokens} token(s) it sampled probability 0 "
+            "(behaviour logprob -inf): a NaN or a JSON -9999 read as -inf on the way, or another distribution's logprobs"
+        )
     if m.outside_support > bounds.max_outside_support * m.tokens:
         found.append(
             f"step {m.step}: {m.outside_support} of {m.tokens} token(s) have a -inf behaviour or old logprob (outside "
@@ -89,12 +95,20 @@ def _excess(m: StepMetrics, name: str) -> float:
 
 
 def step_bound(bounds: OnPolicyBounds, m: StepMetrics, name: str) -> float | None:
-    """The bound on ``name`` at step ``m``: absolute, or that many times the step's precision floor if larger."""
+    """The bound on ``name`` at step ``m``: absolute, or that many times the step's precision floor if larger,
+    but never above the bound's ceiling; a floor that is not finite or beyond that ceiling is an error."""
     bound = getattr(bounds, name)
     factor = bounds.floor_factors.get(name)
     if bound is None or factor is None:
         return bound
-    return max(bound, factor * _excess(m, "floor_" + name))
+    floor, ceiling = _excess(m, "floor_" + name), bounds.floor_ceilings[name]
+    if not 0.0 <= floor <= ceiling:
+        raise ReferenceCheckError(
+            f"step {m.step}: the precision floor of {name} (the trainer in the engine's precision vs fp32 on the "
+            f"step's rollouts) is {floor:.3g}, {'not finite' if not math.isfinite(floor) else f'beyond its ceiling {ceiling:g}'}: "
+            "the reference is wrong, so no on-policy bound can be scaled to it"
+        )
+    return min(max(bound, factor * floor), ceiling)
 
 
 def check_learns(history: Sequence[StepMetrics], min_gain: float = 0.1) -> None:

@@ -94,7 +94,8 @@ def check_completions(
     engine, processed = cut([c.logprobs for c in completions]), cut(recompute.processed)
     floor = cut(recompute.floor_processed) if recompute.floor_processed is not None else None
     comparison = compare_logprobs(
-        engine, processed, tolerance, token_ids=cut([c.token_ids for c in completions]), decode=decode, floor=floor
+        engine, processed, tolerance, token_ids=cut([c.token_ids for c in completions]), decode=decode, floor=floor,
+        sampled=True,
     )
     report = semantic_report(settings.label(), comparison)
     findings = report.findings

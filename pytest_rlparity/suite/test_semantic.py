@@ -74,22 +74,67 @@ def finish_kind(completion) -> str:
 @pytest.mark.parametrize("case", FINISH, ids=lambda c: c.name)
 def test_finish_handling(case, rlparity_session, rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance, rlparity_golden):
     settings = rlparity_session.seeded(case.settings)
-    first_seed = settings.seed
     if case.name == "stop_token":
         settings = dataclasses.replace(settings, stop_token_ids=(most_frequent_token(rlparity_engine, rlparity_prompts, settings),))
-    for attempt in range(4):  # other seeds until the case is exercised (the first is the golden's on CPU)
+    completions, settings, missing = draw_until_exercised(case, rlparity_engine, rlparity_prompts, settings)
+    if missing and case.name == "stop_string":  # a model that never writes " the": a string it does write
+        text = rlparity_trainer.tokenizer.decode([most_frequent_token(rlparity_engine, rlparity_prompts, settings)])
+        settings = dataclasses.replace(settings, stop=(text,))
+        completions, settings, missing = draw_until_exercised(case, rlparity_engine, rlparity_prompts, settings)
+    if missing and case.name == "eos":  # a model that rarely ends by EOS: the prompt where EOS is likeliest
+        completions, settings = forced_eos(rlparity_engine, rlparity_trainer, rlparity_prompts, settings)
+        missing = EXPECTED["eos"] - {finish_kind(c) for c in completions}
+    assert not missing, f"case {case.name} did not exercise {sorted(missing)}: the finish path was not checked"
+    check_and_record(completions, settings, rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden)
+
+
+def draw_until_exercised(case, engine, prompts, settings):
+    """The case's rollouts, with other seeds until they end as the case needs (the first is the golden's on CPU)."""
+    first_seed = settings.seed
+    for attempt in range(4):
         if attempt:
             settings = dataclasses.replace(settings, seed=first_seed + attempt * 1000)
-        completions = rlparity_engine.generate(rlparity_prompts, settings)
-        kinds = {finish_kind(c) for c in completions}
-        missing = EXPECTED[case.name] - kinds
+        completions = engine.generate(prompts, settings)
+        missing = EXPECTED[case.name] - {finish_kind(c) for c in completions}
         if not missing:
             break
-    if missing and rlparity_session.options.model:
-        pytest.skip(f"your model did not end a completion by {sorted(missing)} in 4 draws of {len(completions)} (saw {sorted(kinds)}): "
-                    "this finish path was not exercised")
-    assert not missing, f"case {case.name} did not exercise {sorted(missing)} (saw {sorted(kinds)}): change the prompts or seed"
-    check_and_record(completions, settings, rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden)
+    return completions, settings, missing
+
+
+FORCED_MISS = 1e-4
+"""The chance that a forced EOS case draws no EOS at all, on a clean engine."""
+
+
+def forced_eos(engine, trainer, prompts, settings):
+    """One-token rollouts of the prompt prefix where the trainer ranks EOS highest, sampled with a top-k that
+    keeps EOS and a temperature that flattens what it keeps, as many times as make missing EOS unlikely
+    (:data:`FORCED_MISS`). Every such rollout ends by EOS or by length, and both are checked."""
+    import math
+
+    import torch
+
+    from pytest_rlparity import sampling
+
+    eos = trainer.tokenizer.eos_token_id
+    best = None
+    for prompt in prompts:
+        logits = trainer.logits(prompt)
+        ranks = (logits > logits[:, eos : eos + 1]).sum(dim=1)
+        cut = int(torch.argmin(ranks))
+        if best is None or int(ranks[cut]) < best[0]:
+            best = (int(ranks[cut]), list(prompt[: cut + 1]))
+    rank, prefix = best
+    tries = []
+    for temperature in (1.0, 2.0, 4.0):
+        forced = dataclasses.replace(settings, temperature=temperature, top_k=rank + 1, top_p=1.0, min_p=0.0, max_tokens=1)
+        p = float(sampling.processed_logprobs(trainer.logits(prefix)[-1:], forced, prefix, [])[0, eos].exp())
+        tries.append((p, forced))
+    p, forced = max(tries, key=lambda t: t[0])
+    copies = math.ceil(math.log(FORCED_MISS) / math.log1p(-p)) if 0 < p < 1 else 1
+    if not 0 < p or copies > 4096:
+        pytest.skip(f"EOS ranks {rank + 1} at best after any prompt prefix (p = {p:.2g} under top_k={rank + 1}): "
+                    "the EOS finish cannot be forced on this model within 4096 one-token rollouts, so it was not checked")
+    return engine.generate([prefix] * copies, forced), forced
 
 
 def test_teacher_forced_scores_match_trainer(rlparity_engine, rlparity_trainer, rlparity_tolerance, rlparity_golden):

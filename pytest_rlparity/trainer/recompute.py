@@ -97,6 +97,27 @@ class Trainer(Policy):
             entropy.append(sampling.entropy(lp).tolist())
         return Recompute(processed, raw, alternatives, entropy, floor)
 
+    def check_reference(self, sequences: Sequence[Sequence[int]]) -> dict[str, float] | None:
+        """Check the reference before it judges: this trainer's and its twin's logits path is the model's own
+        forward (:meth:`Policy.check_logits_path`), and the twin's scores of ``sequences`` differ from this
+        trainer's only as much as reduced precision can (:func:`~pytest_rlparity.settings.check_floor`).
+        Returns that floor (``None`` without a twin); raises ``ReferenceCheckError`` otherwise."""
+        from ..compare import precision_floor
+        from ..settings import check_floor
+
+        twin = self._synced_twin()
+        for policy in (self, twin) if twin is not None else (self,):
+            policy.check_logits_path(sequences[0])
+        if twin is None:
+            return None
+        floor = precision_floor(twin.score(sequences), self.score(sequences))
+        check_floor(
+            floor,
+            f"{self.architecture}: the precision twin ({twin.dtype}, lm_head {twin.head_dtype}) against the fp32 trainer "
+            f"on {len(sequences)} fixed sequences",
+        )
+        return floor
+
     def sft_step(self, sequences: Sequence[Sequence[int]], lr: float = 1e-2) -> float:
         """One real optimizer step (AdamW) raising the likelihood of ``sequences``; returns the loss."""
         self.model.train()

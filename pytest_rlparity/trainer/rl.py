@@ -91,6 +91,8 @@ class StepMetrics:
     outside_support: int = 0
     """Rollout tokens, and those left out of the ratios: a NaN, or a -inf (outside one side's support),
     behaviour or old logprob."""
+    behaviour_impossible: int = 0
+    """Rollout tokens whose behaviour (engine) logprob is -inf: the engine sampled a token it gives probability 0."""
     floor_ratio_mean: float = 1.0
     floor_k3_kl: float = 0.0
     floor_mean_abs_log_ratio: float = 0.0
@@ -171,6 +173,7 @@ class RLLoop:
             tokens=int(flat_b.size),
             not_a_number=int((np.isnan(flat_b) | np.isnan(flat_o)).sum()),
             outside_support=int((~finite & ~np.isnan(flat_b) & ~np.isnan(flat_o)).sum()),
+            behaviour_impossible=int((flat_b == -np.inf).sum()),
             **floor,
         )
 
