@@ -125,7 +125,7 @@ def forced_eos(engine, trainer, prompts, settings):
             best = (int(ranks[cut]), list(prompt[: cut + 1]))
     rank, prefix = best
     tries = []
-    for temperature in (1.0, 2.0, 4.0):
+    for temperature in (1.0, 2.0):  # vLLM allows temperatures up to 2
         forced = dataclasses.replace(settings, temperature=temperature, top_k=rank + 1, top_p=1.0, min_p=0.0, max_tokens=1)
         p = float(sampling.processed_logprobs(trainer.logits(prefix)[-1:], forced, prefix, [])[0, eos].exp())
         tries.append((p, forced))

@@ -1,0 +1,60 @@
+"""The stock suite on model families whose forward does more than ``lm_head(hidden)``, on real vLLM (CPU).
+
+Gemma2 soft-caps its final logits, Granite divides them, Cohere multiplies them, GPT-J adds a head bias,
+Qwen3 normalises queries and keys. A precision twin that applied the head itself was wrong by 0.08-67
+nats on these shapes, and its floor-scaled bounds passed raw logprobs. Here each runs the semantic layer
+with a bf16 engine and an fp32 lm_head: clean passes, and ``logprobs_mode=raw_logprobs`` fails naming
+``logprobs_mode`` far beyond its bounds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_rlparity.shapes import FAMILY_SHAPES
+
+from tests.conftest import run_pytest
+
+BF16_FP32_HEAD = ["--rlparity-engine-kwarg", "dtype=bfloat16", "--rlparity-engine-kwarg", 'hf_overrides={"head_dtype": "float32"}']
+FAULT_MARGIN = 3.0
+"""The raw-logprobs fault must break its worst-hit bound by at least this much (measured: 33x to 30000x k3)."""
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_SHAPES), ids=lambda name: name.removeprefix("tiny-"))
+def family(request, tmp_path_factory):
+    from pytest_rlparity.shapes import make_model
+
+    name = request.param
+    return make_model(tmp_path_factory.mktemp(name) / name, FAMILY_SHAPES[name], dtype="float32", text_bytes=200_000)
+
+
+def semantic_run(model, tmp_path, *extra):
+    report = tmp_path / "report.json"
+    result = run_pytest(
+        "--rlparity", "-m", "semantic", f"--rlparity-model={model}", f"--rlparity-golden-dir={tmp_path / 'golden'}",
+        "--rlparity-update-goldens", f"--rlparity-report={report}", *BF16_FP32_HEAD, *extra,
+    )
+    return result, json.loads(report.read_text())
+
+
+def worst_over_bound(check):
+    """The largest |statistic| / bound of a comparison (its bounds already scaled to the floor)."""
+    tolerance, stats = check["tolerance"], check["stats"]
+    return max(abs(stats[s]) / tolerance[s] for s in ("mean_abs", "mean_offset", "k3_kl", "prob_diff_mean") if tolerance.get(s))
+
+
+def test_the_stock_semantic_layer_passes_clean_and_fails_raw_logprobs(family, tmp_path, no_leaked_engines):
+    clean, report = semantic_run(family, tmp_path / "clean")
+    assert clean.returncode == 0, clean.stdout[-3000:]
+    row = report["layers"]["semantic"]
+    assert row["verdict"] == "ok" and row["skipped"] == 0, row  # EOS and stop cases forced, none skipped
+    assert report["run"]["dtype"] == "bfloat16"
+    raw, report = semantic_run(family, tmp_path / "raw", "--rlparity-engine-kwarg", "logprobs_mode=raw_logprobs",
+                               "-k", "match_trainer and (temperature or top_k or penalties)")
+    assert raw.returncode == 1, raw.stdout[-3000:]
+    failed = [t for t in report["tests"] if t["outcome"] == "failed"]
+    assert len(failed) == 3 and {t["cause"] for t in failed} == {"logprobs_mode"}, [(t["nodeid"], t["cause"]) for t in failed]
+    margins = [worst_over_bound(c) for t in failed for c in t["checks"] if c.get("kind") == "comparison" and c["verdict"] == "fail"]
+    assert margins and min(margins) >= FAULT_MARGIN, margins
