@@ -27,7 +27,7 @@ from .files import safe_name, write_atomic
 from .layers import causes
 from .numerics import GoldenTolerance
 from .results import publish
-from .settings import FLOOR_CEILINGS
+from .settings import FLOOR_LIMITS
 
 if TYPE_CHECKING:
     from .compare import Comparison
@@ -339,7 +339,7 @@ def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: Gol
     if atol is None:
         diff.problems.append(
             f"the golden's precision floor (floor_max_abs {golden['stats']['floor_max_abs']!r}) is not finite or "
-            f"beyond {FLOOR_CEILINGS['max_abs']:g}: it cannot scale the drift bound; re-record the golden"
+            f"beyond {FLOOR_LIMITS['max_abs']:g}: it cannot scale the drift bound; re-record the golden"
         )
     elif not worst[0] <= atol:
         gap, i, pos = worst
@@ -369,12 +369,12 @@ NOTHING_COMPARED = (
 
 def drift_bound(tolerance: GoldenTolerance, floor_max_abs: float) -> float | None:
     """The per-token drift allowed from a golden: the absolute bound, or the golden's own precision floor
-    times its factor where larger, never above :data:`~pytest_rlparity.settings.FLOOR_CEILINGS`'s
-    ``max_abs``; ``None`` for a floor that cannot scale a bound (not finite, or beyond that ceiling)."""
-    ceiling = FLOOR_CEILINGS["max_abs"]
-    if not 0.0 <= floor_max_abs <= ceiling:
+    times its factor where larger (so never above that factor times
+    :data:`~pytest_rlparity.settings.FLOOR_LIMITS`'s ``max_abs``); ``None`` for a floor that cannot scale
+    a bound (not finite, or beyond that limit)."""
+    if not 0.0 <= floor_max_abs <= FLOOR_LIMITS["max_abs"]:
         return None
-    return min(max(tolerance.logprob_atol, tolerance.logprob_floor_factor * floor_max_abs), ceiling)
+    return max(tolerance.logprob_atol, tolerance.logprob_floor_factor * floor_max_abs)
 
 
 def _compare_curves(old_curves: dict[str, list[float]], new_curves: dict[str, list[float]], tolerance: GoldenTolerance, diff: GoldenDiff) -> None:

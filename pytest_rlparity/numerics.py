@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .settings import FLOOR_CEILINGS, Tolerance
+from .settings import FLOOR_LIMITS, Tolerance
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,9 @@ class GoldenTolerance:
 class OnPolicyBounds:
     """Per-step bounds on behaviour (engine) vs old (trainer) metrics; ``None`` switches one off.
 
-    With ``floor_factors`` a bound is ``min(max(bound, factor * floor), ceiling)``, the floor being the
-    same metric of the trainer in the engine's precision against the fp32 trainer at that step.
+    With ``floor_factors`` a bound is ``max(bound, factor * floor)``, the floor being the same metric of
+    the trainer in the engine's precision against the fp32 trainer at that step, and at most
+    ``factor * floor_limits[name]``.
     """
 
     ratio_mean: float | None
@@ -52,8 +53,9 @@ class OnPolicyBounds:
     clip_fraction: float | None
     """Share of sequences (GSPO) or tokens clipped at the on-policy point."""
     floor_factors: dict[str, float] = field(default_factory=dict)
-    floor_ceilings: dict[str, float] = field(default_factory=dict)
-    """Per floor-scaled bound, the most it may allow whatever the floor (one per ``floor_factors`` key)."""
+    floor_limits: dict[str, float] = field(default_factory=dict)
+    """Per floor-scaled bound, the largest step floor reduced precision explains (one per ``floor_factors``
+    key): a larger one is an error, so no bound exceeds its factor times this."""
     max_outside_support: float = 0.0
     """Share of rollout tokens whose behaviour or old logprob is -inf (one side's top-k/top-p cut
     the token): such tokens have no ratio, so they are counted, bounded, and never dropped silently.
@@ -121,8 +123,8 @@ REDUCED = Numerics(
     OnPolicyBounds(
         ratio_mean=0.01, k3_kl=0.015, mean_abs_log_ratio=0.05, clip_fraction=None,
         floor_factors={"ratio_mean": 4.0, "k3_kl": 12.0, "mean_abs_log_ratio": 4.0},
-        # NeMo-RL's token_mult_prob_error alarm (1.05), and the engine-vs-trainer ceilings of settings.FLOOR_CEILINGS.
-        floor_ceilings={"ratio_mean": 0.05, "k3_kl": FLOOR_CEILINGS["k3_kl"], "mean_abs_log_ratio": FLOOR_CEILINGS["mean_abs"]},
+        # NeMo-RL's token_mult_prob_error alarm (1.05), and the engine-vs-trainer limits of settings.FLOOR_LIMITS.
+        floor_limits={"ratio_mean": 0.05, "k3_kl": FLOOR_LIMITS["k3_kl"], "mean_abs_log_ratio": FLOOR_LIMITS["mean_abs"]},
         max_outside_support=0.03,
     ),
 )

@@ -13,7 +13,7 @@ import pytest
 from pytest_rlparity.compare import compare_logprobs, precision_floor
 from pytest_rlparity.errors import ReferenceCheckError
 from pytest_rlparity.numerics import numerics_for
-from pytest_rlparity.settings import FLOOR_CEILINGS, Tolerance
+from pytest_rlparity.settings import FLOOR_LIMITS, Tolerance
 
 BF16 = numerics_for("bfloat16").tolerance
 REFERENCE = [[-0.2 - 0.05 * (i % 7) - 0.3 * (j % 3) for i in range(40)] for j in range(8)]
@@ -53,18 +53,21 @@ def test_a_floor_beyond_reduced_precision_is_a_wrong_reference_and_gives_no_verd
         compare_logprobs(RAW_LIKE, REFERENCE, BF16, floor=shifted(REFERENCE, 1.5))
 
 
-def test_every_floor_scaled_bound_stops_at_its_ceiling():
-    """A floor just under its ceiling cannot scale a bound past the ceiling: raw logprobs still fail."""
-    near = {"tokens": 320, "max_abs": 1.9, "mean_abs": 0.24, "mean_offset": 0.09, "k3_kl": 0.04, "prob_diff_mean": 0.04,
-            "out_of_support_share": 0.09}
-    bounds = BF16.against_floor(near)
-    for stat in ("max_abs", "mean_abs", "mean_offset", "k3_kl", "prob_diff_mean"):
-        assert getattr(bounds, stat) == FLOOR_CEILINGS[stat], stat
-    assert bounds.max_out_of_support == FLOOR_CEILINGS["out_of_support"] < 1.0
-    assert not compare_logprobs(RAW_LIKE, REFERENCE, bounds).ok
+def test_every_floor_scaled_bound_stops_at_its_factor_times_the_floor_limit():
+    """A floor at its limits scales no bound past factor x limit: the mean offset's floor adds a mean's noise
+    (mean |Δ| / sqrt(tokens)), which over 4 tokens would take its bound to 3 nats; it stops at 2."""
+    at_limits = {"tokens": 4, **{k: v for k, v in FLOOR_LIMITS.items() if k != "out_of_support"},
+                 "out_of_support_share": FLOOR_LIMITS["out_of_support"]}
+    bounds = BF16.against_floor(at_limits)
+    for stat, factor in BF16.floor_factors.items():
+        ceiling = factor * FLOOR_LIMITS[stat]
+        value = bounds.max_out_of_support if stat == "out_of_support" else getattr(bounds, stat)
+        assert value <= ceiling, (stat, value, ceiling)
+    assert bounds.mean_offset == BF16.floor_factors["mean_offset"] * FLOOR_LIMITS["mean_offset"]
+    assert bounds.max_out_of_support <= 0.2
 
 
-def test_the_objective_bounds_stop_at_their_ceilings_and_refuse_a_nan_floor():
+def test_the_objective_bounds_refuse_a_floor_beyond_its_limit_or_not_finite():
     from pytest_rlparity.layers.objective import step_bound
     from pytest_rlparity.trainer.rl import StepMetrics
 
@@ -72,11 +75,10 @@ def test_the_objective_bounds_stop_at_their_ceilings_and_refuse_a_nan_floor():
     step = dict(step=0, reward=0.0, ratio_mean=1.0, mean_abs_log_ratio=0.0, k1_kl=0.0, k3_kl=0.0, clip_fraction=0.0, ess=1.0,
                 chi2=0.0, entropy=1.0, kl_new_old=0.0)
     near = StepMetrics(**step, floor_ratio_mean=1.04, floor_k3_kl=0.04, floor_mean_abs_log_ratio=0.2)
-    assert step_bound(bounds, near, "k3_kl") == bounds.floor_ceilings["k3_kl"]
-    assert step_bound(bounds, near, "ratio_mean") == bounds.floor_ceilings["ratio_mean"]
+    assert step_bound(bounds, near, "k3_kl") == pytest.approx(12 * 0.04)
     with pytest.raises(ReferenceCheckError, match="not finite"):
         step_bound(bounds, StepMetrics(**step, floor_k3_kl=math.nan), "k3_kl")
-    with pytest.raises(ReferenceCheckError, match="beyond its ceiling"):
+    with pytest.raises(ReferenceCheckError, match="beyond its limit"):
         step_bound(bounds, StepMetrics(**step, floor_mean_abs_log_ratio=1.2), "mean_abs_log_ratio")
 
 

@@ -95,20 +95,21 @@ def _excess(m: StepMetrics, name: str) -> float:
 
 
 def step_bound(bounds: OnPolicyBounds, m: StepMetrics, name: str) -> float | None:
-    """The bound on ``name`` at step ``m``: absolute, or that many times the step's precision floor if larger,
-    but never above the bound's ceiling; a floor that is not finite or beyond that ceiling is an error."""
+    """The bound on ``name`` at step ``m``: absolute, or that many times the step's precision floor if larger;
+    a floor that is not finite or beyond its limit (``floor_limits``) is an error, so no bound exceeds the
+    factor times that limit."""
     bound = getattr(bounds, name)
     factor = bounds.floor_factors.get(name)
     if bound is None or factor is None:
         return bound
-    floor, ceiling = _excess(m, "floor_" + name), bounds.floor_ceilings[name]
-    if not 0.0 <= floor <= ceiling:
+    floor, limit = _excess(m, "floor_" + name), bounds.floor_limits[name]
+    if not 0.0 <= floor <= limit:
         raise ReferenceCheckError(
             f"step {m.step}: the precision floor of {name} (the trainer in the engine's precision vs fp32 on the "
-            f"step's rollouts) is {floor:.3g}, {'not finite' if not math.isfinite(floor) else f'beyond its ceiling {ceiling:g}'}: "
+            f"step's rollouts) is {floor:.3g}, {'not finite' if not math.isfinite(floor) else f'beyond its limit {limit:g}'}: "
             "the reference is wrong, so no on-policy bound can be scaled to it"
         )
-    return min(max(bound, factor * floor), ceiling)
+    return max(bound, factor * floor)
 
 
 def check_learns(history: Sequence[StepMetrics], min_gain: float = 0.1) -> None:
