@@ -265,3 +265,15 @@ def test_a_migration_may_sample_other_tokens_from_position_0_and_says_only_stati
     assert NOTHING_COMPARED in compare_golden(golden, record, tolerance, migration=False).problems
     migrated = compare_golden(golden, record, tolerance, migration=True)
     assert not migrated.problems and "only the statistics were compared" in migrated.notes[-1]
+
+
+def test_an_eos_finish_is_forced_where_free_draws_never_end_by_eos(hf_engine, trainer, prompts):
+    """The EOS case of a model that rarely ends (the random 1B never did in four draws) no longer skips:
+    one-token rollouts of the prefix where EOS ranks highest, with a top-k that keeps it, end by EOS."""
+    from pytest_rlparity.settings import SamplingSettings
+    from pytest_rlparity.suite.test_semantic import finish_kind, forced_eos
+
+    completions, forced = forced_eos(hf_engine, trainer, prompts, SamplingSettings(temperature=1.0, max_tokens=64))
+    assert forced.max_tokens == 1 and forced.top_k >= 4
+    kinds = [finish_kind(c) for c in completions]
+    assert "eos" in kinds and set(kinds) <= {"eos", "length"}, kinds

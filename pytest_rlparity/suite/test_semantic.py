@@ -107,7 +107,7 @@ FORCED_MISS = 1e-4
 
 def forced_eos(engine, trainer, prompts, settings):
     """One-token rollouts of the prompt prefix where the trainer ranks EOS highest, sampled with a top-k that
-    keeps EOS and a temperature that flattens what it keeps, as many times as make missing EOS unlikely
+    keeps EOS with room to spare and a temperature that flattens what it keeps, as many times as make missing EOS unlikely
     (:data:`FORCED_MISS`). Every such rollout ends by EOS or by length, and both are checked."""
     import math
 
@@ -124,15 +124,16 @@ def forced_eos(engine, trainer, prompts, settings):
         if best is None or int(ranks[cut]) < best[0]:
             best = (int(ranks[cut]), list(prompt[: cut + 1]))
     rank, prefix = best
+    keep = 2 * rank + 4  # room for EOS to fall a few places in the engine's precision (Granite's scaled logits did)
     tries = []
     for temperature in (1.0, 2.0):  # vLLM allows temperatures up to 2
-        forced = dataclasses.replace(settings, temperature=temperature, top_k=rank + 1, top_p=1.0, min_p=0.0, max_tokens=1)
+        forced = dataclasses.replace(settings, temperature=temperature, top_k=keep, top_p=1.0, min_p=0.0, max_tokens=1)
         p = float(sampling.processed_logprobs(trainer.logits(prefix)[-1:], forced, prefix, [])[0, eos].exp())
         tries.append((p, forced))
     p, forced = max(tries, key=lambda t: t[0])
     copies = math.ceil(math.log(FORCED_MISS) / math.log1p(-p)) if 0 < p < 1 else 1
     if not 0 < p or copies > 4096:
-        pytest.skip(f"EOS ranks {rank + 1} at best after any prompt prefix (p = {p:.2g} under top_k={rank + 1}): "
+        pytest.skip(f"EOS ranks {rank + 1} at best after any prompt prefix (p = {p:.2g} under top_k={keep}): "
                     "the EOS finish cannot be forced on this model within 4096 one-token rollouts, so it was not checked")
     return engine.generate([prefix] * copies, forced), forced
 
