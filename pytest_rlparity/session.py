@@ -53,8 +53,6 @@ class RLParitySession:
         self._trainers: dict[tuple[str, str, str, tuple[str, str] | None], Trainer] = {}
         self._reference: str | BaseException | None = None
         """``"checked"``, or the error of the reference check (:meth:`check_reference`); ``None`` before it."""
-        self.reference_floor: dict[str, float] | None = None
-        """The precision twin's floor on fixed text found by the reference check (``None`` for an fp32 engine)."""
 
     @functools.cached_property
     def model_dir(self) -> Path:
@@ -136,7 +134,7 @@ class RLParitySession:
             trainer = self._trainers.get(key) or self.new_trainer()
             self._trainers[key] = trainer
             try:
-                self.reference_floor = trainer.check_reference([trainer.tokenizer(s).input_ids for s in CORPUS[:4]])
+                trainer.check_reference([trainer.tokenizer(s).input_ids for s in CORPUS[:4]])
                 self._reference = "checked"
             except ReferenceCheckError as error:
                 self._reference = error
