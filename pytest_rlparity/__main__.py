@@ -4,6 +4,7 @@
   python -m pytest_rlparity wheelhouse {build,install} ...  offline installs for GPU runners
   python -m pytest_rlparity make-model DIR --shape llama-1b   a random-weight model of a real shape, no download
   python -m pytest_rlparity bench [PYTEST ARGS]             the suite's wall time, engine starts and time in checks
+  python -m pytest_rlparity options                         every option, its ini key and default (the README's table)
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def main(argv: list[str]) -> int:
         from .bench import main as bench
 
         return bench(argv[1:])
+    if argv[0] == "options":
+        from .config import options_table
+
+        print(options_table())
+        return 0
     print(f"unknown command {argv[0]!r}; try: python -m pytest_rlparity --help", file=sys.stderr)
     return 2
 

@@ -9,7 +9,8 @@ every start but the longest overlaps the checks, higher when starts queue one af
 ``pytest -n N`` the checks are shared by the workers, and each worker's starts, checks, busy time
 and first and last moment in tests are printed: the busiest worker is the run's critical path. The
 time outside tests (pytest's start-up before the first, the engines' close and the exit after the
-last) is printed too: no engine work can overlap it.
+last) is printed too: no engine work can overlap it. A configuration started more than once is
+flagged ``DUPLICATE``: under ``-n`` each should start in one worker.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def summarize(report: dict[str, Any], wall: float, started: float | None = None)
         shown = {k: v for k, v in s["kwargs"].items() if k in ("engine_core", "enable_prefix_caching", "enable_chunked_prefill",
                                                                    "max_num_batched_tokens", "dtype", "hf_overrides", "model")}
         lines.append(f"  engine start {float(s['seconds']):6.1f} s  {json.dumps(shown, sort_keys=True)}" + (f"  [{s['worker']}]" if s.get("worker") else ""))
+    lines += duplicate_starts(starts)
     workers = sorted({t.get("worker") for t in report["tests"]} - {None})
     for worker in workers:
         tests = [t for t in report["tests"] if t.get("worker") == worker]
@@ -61,6 +63,20 @@ def summarize(report: dict[str, Any], wall: float, started: float | None = None)
         f"checks               {checks:7.1f} s" + (f"   (on {len(workers)} workers)" if workers else ""),
         f"wall / (longest start + checks{' / workers' if workers else ''}) = {wall / max(ideal, 1e-9):.2f}",
     ]
+    return lines
+
+
+def duplicate_starts(starts: list[dict[str, Any]]) -> list[str]:
+    """One line for each engine configuration started more than once: under ``-n`` a configuration
+    should start in one worker; a second start (another worker, or a close to make room) is time lost."""
+    by_configuration: dict[str, list[dict[str, Any]]] = {}
+    for start in starts:
+        by_configuration.setdefault(json.dumps(start["kwargs"], sort_keys=True), []).append(start)
+    lines = []
+    for kwargs, same in by_configuration.items():
+        if len(same) > 1:
+            where = ", ".join(f"{s.get('worker') or 'main'} {float(s['seconds']):.1f} s" for s in same)
+            lines.append(f"  DUPLICATE: one configuration started {len(same)} times ({where}): {kwargs}")
     return lines
 
 

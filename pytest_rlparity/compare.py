@@ -21,8 +21,9 @@ from typing import Any
 from .errors import ParityError
 from .files import jsonable
 from .frameworks import framework_metrics
+from .layers import CUSTOM
 from .metrics import mismatch_stats
-from .results import publish
+from .checks import CheckEntry, publish
 from .settings import Tolerance, floor_scale
 
 Ragged = Sequence[Sequence[float]]
@@ -95,7 +96,7 @@ class Comparison:
             stats.update({f"floor_ratio_{k}": v for k, v in self.floor_ratios().items()})
         return stats
 
-    def entry(self, label: str, layer: str, findings: Sequence[Any] = ()) -> dict[str, Any]:
+    def check_entry(self, label: str, layer: str, findings: Sequence[Any] = ()) -> CheckEntry:
         """This comparison as a check in the run's report (``findings``: what a layer check named)."""
         return {
             "kind": "comparison",
@@ -114,7 +115,7 @@ class Comparison:
             ),
         }
 
-    def report(self, title: str = "engine vs trainer", limit: int = 10) -> str:
+    def explain(self, title: str = "engine vs trainer", limit: int = 10) -> str:
         """A multi-line, human-readable account: verdict, statistics, worst tokens."""
         verdict = "within tolerance" if self.ok else "OUT OF TOLERANCE: " + "; ".join(self.violations)
         lines = [f"{title}: {verdict}", stats_table(self.stats, self.tolerance)]
@@ -145,15 +146,15 @@ def compare_logprobs(
     *,
     token_ids: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
-    floor: Ragged | None = None,
+    twin: Ragged | None = None,
     floor_stats: dict[str, float] | None = None,
     sampled: bool = False,
     worst: int = 10,
 ) -> Comparison:
     """Compare per-token logprobs sequence by sequence; never raises on a mismatch.
 
-    ``floor`` holds the trainer's logprobs of the same tokens in the engine's precision
-    (``Recompute.floor``): a calibrated tolerance scales its bounds to how far those are
+    ``twin`` holds the trainer's logprobs of the same tokens in the engine's precision
+    (``Recompute.twin_processed``): a calibrated tolerance scales its bounds to how far those are
     from ``trainer``. Where ``trainer`` is not the fp32 trainer (two engine paths compared),
     pass ``floor_stats`` (:func:`precision_floor` of the twin against the fp32 trainer)
     instead. One of them is required for a calibrated tolerance; both are ignored otherwise.
@@ -167,14 +168,14 @@ def compare_logprobs(
         raise ValueError(f"{len(engine)} engine sequences vs {len(trainer)} trainer sequences")
     factors: dict[str, float] = {}
     if tolerance.calibrated:
-        if floor is None and floor_stats is None:
+        if twin is None and floor_stats is None:
             raise ValueError(
-                "this tolerance is scaled to the model's precision floor: pass floor=, the trainer's logprobs of the "
-                "same tokens in the engine's precision (Recompute.floor_processed of a trainer with a precision twin), "
+                "this tolerance is scaled to the model's precision floor: pass twin=, the trainer's logprobs of the "
+                "same tokens in the engine's precision (Recompute.twin_processed of a trainer with a precision twin), "
                 "or give absolute bounds"
             )
         if floor_stats is None:
-            floor_stats = precision_floor(floor, trainer)
+            floor_stats = precision_floor(twin, trainer)
         factors = dict(tolerance.floor_factors)
         tolerance = tolerance.against_floor(floor_stats)
     finite_e: list[float] = []
@@ -218,12 +219,13 @@ def compare_logprobs(
     return comparison
 
 
-def precision_floor(floor: Ragged, trainer: Ragged) -> dict[str, float]:
-    """How far the trainer in the engine's precision is from the trainer in fp32, on the same tokens."""
-    if len(floor) != len(trainer) or any(len(f) != len(t) for f, t in zip(floor, trainer)):
-        raise ValueError("the precision floor must hold one logprob per trainer logprob")
+def precision_floor(twin: Ragged, trainer: Ragged) -> dict[str, float]:
+    """The precision floor: how far the trainer in the engine's precision (its twin) is from the trainer
+    in fp32, on the same tokens, as mismatch statistics."""
+    if len(twin) != len(trainer) or any(len(f) != len(t) for f, t in zip(twin, trainer)):
+        raise ValueError("the precision twin must hold one logprob per trainer logprob")
     low, full, outside, total, nans = [], [], 0, 0, 0
-    for f_seq, t_seq in zip(floor, trainer):
+    for f_seq, t_seq in zip(twin, trainer):
         for f, t in zip(f_seq, t_seq):
             if (f == t == -math.inf) or math.isnan(t):
                 continue  # a NaN on the fp32 side is a bad token id, which the comparison itself reports
@@ -249,9 +251,9 @@ def assert_logprobs_close(
     *,
     token_ids: Sequence[Sequence[int]] | None = None,
     decode: Callable[[list[int]], str] | None = None,
-    floor: Ragged | None = None,
+    twin: Ragged | None = None,
     title: str = "engine vs trainer",
-    layer: str = "custom",
+    layer: str = CUSTOM,
     sampled: bool = True,
 ) -> Comparison:
     """Assert that two sets of per-token logprobs agree; raise :class:`ParityError` with a table if not.
@@ -259,10 +261,10 @@ def assert_logprobs_close(
     :param engine: the engine's logprob of each sampled token, one list per completion.
     :param trainer: the trainer's recompute of the same tokens (``Recompute.processed``).
     :param tolerance: the bounds, e.g. ``rlparity_tolerance`` or ``Tolerance(max_abs=1e-3)``; a
-        reduced-precision tolerance is scaled to ``floor``.
+        reduced-precision tolerance is scaled to the precision floor that ``twin`` gives.
     :param token_ids: the sampled token ids, to name the worst tokens in the failure table.
     :param decode: ``tokenizer.decode``, to show the worst tokens as text.
-    :param floor: the trainer's logprobs in the engine's precision (``Recompute.floor.processed``);
+    :param twin: the trainer's logprobs in the engine's precision (``Recompute.twin_processed``);
         needed when the tolerance is calibrated (bf16 engines).
     :param title: the first words of the failure message and the report entry.
     :param layer: the report layer this check belongs to.
@@ -273,13 +275,13 @@ def assert_logprobs_close(
 
         recomputed = rlparity_trainer.recompute(completions, settings)
         assert_logprobs_close([c.logprobs for c in completions], recomputed.processed, rlparity_tolerance,
-                              floor=recomputed.floor_processed, token_ids=[c.token_ids for c in completions])
+                              twin=recomputed.twin_processed, token_ids=[c.token_ids for c in completions])
     """
     __tracebackhide__ = True
-    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, floor=floor, sampled=sampled)
-    publish(comparison.entry(title, layer), comparison)
+    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, twin=twin, sampled=sampled)
+    publish(comparison.check_entry(title, layer), comparison)
     if not comparison.ok:
-        raise ParityError(comparison.report(title), layer=layer)
+        raise ParityError(comparison.explain(title), layer=layer)
     return comparison
 
 

@@ -1,4 +1,10 @@
-"""Where settings come from: built-in defaults < ini/pyproject < profile file < command line.
+"""Every option, defined once: its flag, ini key, default, choices and help, and how a value is read.
+
+:data:`SPECS` is the only definition. ``pytest_addoption`` registers flags and ini keys from it,
+:func:`resolve` reads them into :class:`Options` (command line < profile < ini < default, and
+for engine kwargs all three merged), and ``python -m pytest_rlparity options`` prints the
+README's table from it. Every value is checked here, once, at configure time: a bad one is a
+single ``pytest.UsageError`` before any engine starts, never a ``ValueError`` in each fixture.
 
 Engine kwargs use the engine's own names (vLLM's ``EngineArgs``), so a CI matrix can
 flip one with ``--rlparity-engine-kwarg enable_prefix_caching=true`` and nothing else.
@@ -10,49 +16,184 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ENGINE_CORES = ("auto", "inline", "process")
+from .engines.base import ENGINE_CORES, REQUEST_TIMEOUT_S, START_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One option: ``--rlparity-<name>`` on the command line and/or ini key ``rlparity_<name>``."""
+
+    name: str
+    """The :class:`Options` field (``engine_core``); flag and ini key are derived from it."""
+    help: str
+    default: Any = None
+    parse: Callable[[str], Any] = str
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    flag: bool = True
+    ini: bool = True
+    path: bool = False
+    """A path: relative to where pytest started (command line) or to the ini file (ini)."""
+
+    @property
+    def flag_name(self) -> str:
+        """``--rlparity-engine-core``; ``--rlparity`` itself for ``enabled``; one kwarg a flag for ``engine_kwargs``."""
+        named = {"enabled": "", "engine_kwargs": "-engine-kwarg"}.get(self.name, "-" + self.name.replace("_", "-"))
+        return "--rlparity" + named
+
+    @property
+    def dest(self) -> str:
+        """The flag's name in ``config.getoption``."""
+        return self.flag_name[2:].replace("-", "_")
+
+    @property
+    def ini_name(self) -> str:
+        return f"rlparity_{self.name}"
+
+    @property
+    def flag_choices(self) -> tuple[str, ...]:
+        """What the flag takes: ``--rlparity-update-goldens`` alone means ``mismatch``, so ``off`` is no choice."""
+        return self.choices[1:] if self.name == "update_goldens" else self.choices
+
+
 WORKER_EXITS = ("fast", "full")
+PROFILE_KEYS = ("engine", "model", "engine_kwargs", "tolerance")
+
+SPECS: tuple[Spec, ...] = (
+    Spec("enabled", "run parity tests against a real engine (without it they are skipped)", False, ini=False),
+    Spec("model", "local Hugging Face model directory (pytest-rlparity never downloads)", None, metavar="DIR", path=True),
+    Spec("engine", "engine under test: a registered engine name (vllm, vllm-server, hf, or yours)", "vllm", metavar="NAME"),
+    Spec(
+        "engine_kwargs",
+        "engine kwarg in the engine's own names, KEY=VALUE, the value parsed as JSON when it parses; repeatable "
+        "(ini: one per line); checked against the installed engine before anything starts",
+        {},
+        metavar="KEY=VALUE",
+    ),
+    Spec("profile", f"TOML or JSON profile with keys {', '.join(PROFILE_KEYS)}", None, metavar="FILE", path=True),
+    Spec("golden_dir", "where goldens live", "golden", metavar="DIR", path=True),
+    Spec(
+        "update_goldens",
+        "write missing and out-of-tolerance goldens (mismatch, the value when none is given) or every golden "
+        "the run touches (all)",
+        "off",
+        choices=("off", "mismatch", "all"),
+        ini=False,
+    ),
+    Spec(
+        "baseline",
+        "migration: check against goldens recorded by another engine or engine version, read-only",
+        None,
+        metavar="DIR",
+        ini=False,
+        path=True,
+    ),
+    Spec("report", "JSON report of the run (default: report.json in the artifacts dir; 'none': not written)", None, metavar="PATH", path=True),
+    Spec("artifacts_dir", "where the report and plots of a run are written", "rlparity-artifacts", flag=False, path=True),
+    Spec("start_timeout", "seconds before an engine start is abandoned", START_TIMEOUT_S, float, metavar="SECONDS"),
+    Spec("request_timeout", "seconds before one engine call is abandoned", REQUEST_TIMEOUT_S, float, metavar="SECONDS"),
+    Spec("max_engines", "engines a process keeps running at once (the least recently used closes first)", 2, int, flag=False),
+    Spec("seed", "added to the built-in suite's sampling seeds: another seed is another clean run", 0, int, metavar="N", ini=False),
+    Spec("trainer_device", "where the trainer runs (cpu, cuda, cuda:1); default: the engine's device", None, metavar="DEVICE"),
+    Spec(
+        "engine_core",
+        "where vLLM's engine core runs: inline (the pytest process), process, or auto (inline; a check that needs "
+        "a process, a wait pause, gets one)",
+        "auto",
+        choices=("auto", *ENGINE_CORES),
+    ),
+    Spec(
+        "server_url",
+        "engine vllm-server: test the server at URL (started with VLLM_SERVER_DEV_MODE=1) instead of starting one",
+        None,
+        metavar="URL",
+    ),
+    Spec(
+        "worker_exit",
+        "how a pytest-xdist worker ends after its session: fast (without the interpreter's 2-3 s teardown) or full",
+        "fast",
+        choices=WORKER_EXITS,
+        flag=False,
+    ),
+)
+SPEC = {spec.name: spec for spec in SPECS}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every flag and ini key of :data:`SPECS` (defaults are applied by :func:`resolve`)."""
+    group = parser.getgroup("rlparity", "RL logprob parity (pytest-rlparity)")
+    for spec in SPECS:
+        if spec.flag:
+            kwargs: dict[str, Any] = {"help": spec.help, "dest": spec.dest}
+            if spec.name == "enabled":
+                kwargs["action"] = "store_true"
+            elif spec.choices:
+                kwargs["choices"] = spec.flag_choices
+            else:
+                kwargs["metavar"] = spec.metavar
+            if spec.name == "engine_kwargs":
+                kwargs["action"] = "append"
+            elif spec.name == "update_goldens":
+                kwargs.update(nargs="?", const="mismatch")
+            group.addoption(spec.flag_name, **kwargs)
+        if spec.ini:
+            listed = spec.name == "engine_kwargs"
+            parser.addini(spec.ini_name, spec.help, type="linelist" if listed else "string", default=[] if listed else "")
+
+
+def options_table() -> str:
+    """The README's options table, from :data:`SPECS`."""
+    rows = ["| option | ini key | default | what it does |", "|---|---|---|---|"]
+    for spec in SPECS:
+        flag = "—"
+        if spec.flag:
+            choices = "\\|".join(spec.flag_choices)  # a | inside a Markdown table cell is escaped
+            flag = f"`{spec.flag_name}={choices}`" if spec.choices else f"`{spec.flag_name}`"
+        default = "—" if spec.default in (None, {}) else "off" if spec.default is False else f"`{spec.default}`"
+        rows.append(f"| {flag} | {f'`{spec.ini_name}`' if spec.ini else '—'} | {default} | {spec.help} |")
+    return "\n".join(rows)
 
 
 @dataclass
 class Options:
-    """The resolved settings of a parity session."""
+    """The resolved settings of a parity session (defaults: :data:`SPECS`)."""
 
     enabled: bool
-    engine: str = "vllm"
+    engine: str = SPEC["engine"].default
     model: str | None = None
     model_seed: int = 0
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Kwargs set by the user (the engine's defaults are added by the session)."""
     kwarg_sources: dict[str, str] = field(default_factory=dict)
     """For each user kwarg, where it was set (shown in the header)."""
-    golden_dir: Path = Path("golden")
-    artifacts_dir: Path = Path("rlparity-artifacts")
-    update_goldens: str = "off"
+    golden_dir: Path = Path(SPEC["golden_dir"].default)
+    artifacts_dir: Path = Path(SPEC["artifacts_dir"].default)
+    update_goldens: str = SPEC["update_goldens"].default
     baseline: bool = False
     """Migration mode: ``golden_dir`` holds another engine's goldens, read-only."""
     report: Path | None = None
     """Where the JSON report goes; ``None``: not written."""
-    start_timeout: float = 600.0
-    request_timeout: float = 300.0
-    max_engines: int = 2
+    start_timeout: float = START_TIMEOUT_S
+    request_timeout: float = REQUEST_TIMEOUT_S
+    max_engines: int = SPEC["max_engines"].default
     seed: int = 0
     """Added to every sampling seed of the built-in suite: another seed is another clean run."""
     trainer_device: str | None = None
     """Where the trainer runs (``cpu``, ``cuda``, ``cuda:1``); default: the engine's device."""
-    engine_core: str = "auto"
-    """Where vLLM's engine core runs: ``inline`` (this process), ``process``, or ``auto`` (inline on
-    CPU, where a spawned core spends 15 s importing torch and vLLM again; a process on GPUs)."""
+    engine_core: str = SPEC["engine_core"].default
+    """Where vLLM's engine core runs: ``inline`` (this process), ``process``, or ``auto``: inline, as
+    colocated RL trainers run it (on CPU a spawned core spends 15 s importing torch and vLLM again; on
+    a GPU the measured fast path, docs/benchmarks.md); checks that need a process get one."""
     server_url: str | None = None
     """A running vLLM server to test (``vllm-server`` engine) instead of starting one."""
-    worker_exit: str = "fast"
+    worker_exit: str = SPEC["worker_exit"].default
     """How a pytest-xdist worker ends once its session is over: ``fast`` (without the interpreter's
     teardown, :mod:`pytest_rlparity.worker_exit`) or ``full``."""
     tolerance: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +218,7 @@ def parse_kwargs(items: Iterable[str]) -> dict[str, Any]:
 
 
 def load_profile(path: Path) -> dict[str, Any]:
-    """A TOML or JSON file with optional keys ``engine``, ``model``, ``engine_kwargs``, ``tolerance``."""
+    """A TOML or JSON file with optional keys :data:`PROFILE_KEYS`."""
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -85,14 +226,13 @@ def load_profile(path: Path) -> dict[str, Any]:
         raise pytest.UsageError(f"rlparity profile {path} does not exist") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise pytest.UsageError(f"rlparity profile {path} is not valid {path.suffix or 'TOML'}: {exc}") from None
-    allowed = {"engine", "model", "engine_kwargs", "tolerance"}
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - set(PROFILE_KEYS))
     if unknown:
-        raise pytest.UsageError(f"rlparity profile {path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        raise pytest.UsageError(f"rlparity profile {path}: unknown key(s) {unknown}; allowed: {sorted(PROFILE_KEYS)}")
     return data
 
 
-PATH_OPTIONS = ("--rlparity-model", "--rlparity-baseline", "--rlparity-golden-dir", "--rlparity-profile", "--rlparity-report")
+PATH_OPTIONS = tuple(spec.flag_name for spec in SPECS if spec.path and spec.flag)
 
 
 def check_rootdir(config: pytest.Config) -> None:
@@ -119,47 +259,89 @@ def check_rootdir(config: pytest.Config) -> None:
         )
 
 
+class _Reader:
+    """Reads one option from the command line, then the ini file, then its default, parsed and checked."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def given(self, name: str) -> tuple[Any, str] | None:
+        """The raw value and where it came from (``command line`` or ``ini``), or ``None``."""
+        spec = SPEC[name]
+        if spec.flag:
+            value = self.config.getoption(spec.dest, default=None)
+            if value not in (None, ""):
+                return value, "command line"
+        if spec.ini:
+            value = self.config.getini(spec.ini_name)
+            if value not in (None, ""):
+                return value, "ini"
+        return None
+
+    def value(self, name: str) -> Any:
+        spec = SPEC[name]
+        given = self.given(name)
+        if given is None:
+            return self.path(spec.default, "ini") if spec.path and spec.default is not None else spec.default
+        raw, source = given
+        where = spec.flag_name if source == "command line" else f"ini key {spec.ini_name}"
+        try:
+            value = spec.parse(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            kind = {"int": "a whole number", "float": "a number"}.get(spec.parse.__name__, spec.parse.__name__)
+            raise pytest.UsageError(f"{where}: {raw!r} is not {kind}") from None
+        if spec.choices and value not in spec.choices:
+            raise pytest.UsageError(f"{where}: {value!r} is not one of {', '.join(spec.choices)}")
+        if spec.path:
+            return self.path(value, source)
+        return value
+
+    def path(self, value: str | Path, source: str) -> Path:
+        """Relative to where pytest started (command line), or to the ini file (ini; where pytest started
+        if there is none). Not relative to the rootdir: pytest derives it from every path-like argument,
+        so ``--rlparity-model /models/x`` alone can move it to ``/``."""
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return path
+        config = self.config
+        base = config.inipath.parent if source == "ini" and config.inipath else Path(config.invocation_params.dir)
+        return base / path
+
+
 def resolve(config: pytest.Config) -> Options:
-    """Merge every source into :class:`Options`; raise ``pytest.UsageError`` on bad input."""
-    opt = config.getoption
-    if opt("rlparity"):
+    """Merge every source into :class:`Options` and check every value; raise ``pytest.UsageError`` on bad input."""
+    read = _Reader(config)
+    enabled = bool(config.getoption("rlparity"))
+    if enabled:
         check_rootdir(config)
-    update = opt("rlparity_update_goldens") or ("mismatch" if opt("snapshot_update", default=False) else "off")
-    baseline = opt("rlparity_baseline")
+    update = config.getoption("rlparity_update_goldens") or ("mismatch" if config.getoption("snapshot_update", default=False) else "off")
+    baseline = read.value("baseline")
     if baseline and update != "off":
         raise pytest.UsageError(
             "--rlparity-baseline is read-only: it checks this engine against goldens recorded by another. "
             "Record a baseline with --rlparity-update-goldens --rlparity-golden-dir=DIR, using the reference engine."
         )
-    if baseline and not _cli_path(config, baseline).is_dir():
+    if baseline and not baseline.is_dir():
         raise pytest.UsageError(f"--rlparity-baseline {baseline}: no such directory (record one first, see docs/upgrading.md)")
-    artifacts_dir = _ini_path(config, config.getini("rlparity_artifacts_dir"))
-    report_cli, report_ini = opt("rlparity_report"), config.getini("rlparity_report")
-    report = _cli_path(config, report_cli) if report_cli else _ini_path(config, report_ini) if report_ini else artifacts_dir / "report.json"
+    artifacts_dir = read.value("artifacts_dir")
+    report_given = read.given("report")
+    report = None if report_given and report_given[0] == "none" else read.value("report") if report_given else artifacts_dir / "report.json"
     options = Options(
-        enabled=bool(opt("rlparity")),
-        golden_dir=(
-            _cli_path(config, baseline or opt("rlparity_golden_dir"))
-            if baseline or opt("rlparity_golden_dir")
-            else _ini_path(config, config.getini("rlparity_golden_dir"))
-        ),
+        enabled=enabled,
+        golden_dir=baseline or read.value("golden_dir"),
         artifacts_dir=artifacts_dir,
         update_goldens=update,
         baseline=bool(baseline),
-        report=None if (report_cli or report_ini) == "none" else report,
-        start_timeout=float(opt("rlparity_start_timeout") or config.getini("rlparity_start_timeout")),
-        request_timeout=float(opt("rlparity_request_timeout") or config.getini("rlparity_request_timeout")),
-        max_engines=int(config.getini("rlparity_max_engines")),
-        seed=int(opt("rlparity_seed") or 0),
-        trainer_device=opt("rlparity_trainer_device") or config.getini("rlparity_trainer_device") or None,
-        engine_core=opt("rlparity_engine_core") or config.getini("rlparity_engine_core") or "auto",
-        server_url=opt("rlparity_server_url") or config.getini("rlparity_server_url") or None,
-        worker_exit=config.getini("rlparity_worker_exit") or "fast",
+        report=report,
+        start_timeout=read.value("start_timeout"),
+        request_timeout=read.value("request_timeout"),
+        max_engines=read.value("max_engines"),
+        seed=read.value("seed"),
+        trainer_device=read.value("trainer_device"),
+        engine_core=read.value("engine_core"),
+        server_url=read.value("server_url"),
+        worker_exit=read.value("worker_exit"),
     )
-    if options.engine_core not in ENGINE_CORES:
-        raise pytest.UsageError(f"rlparity_engine_core {options.engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
-    if options.worker_exit not in WORKER_EXITS:
-        raise pytest.UsageError(f"rlparity_worker_exit {options.worker_exit!r}: choose one of {', '.join(WORKER_EXITS)}")
     kwargs: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
@@ -168,55 +350,62 @@ def resolve(config: pytest.Config) -> Options:
         sources.update(dict.fromkeys(values, source))
 
     merge(parse_kwargs(config.getini("rlparity_engine_kwargs")), "ini")
-    engine = config.getini("rlparity_engine") or "vllm"
-    model = config.getini("rlparity_model") or None
-    model = str(_ini_path(config, model)) if model else None
-    profile_cli, profile_ini = opt("rlparity_profile"), config.getini("rlparity_profile")
-    if profile_cli or profile_ini:
-        path = _cli_path(config, profile_cli) if profile_cli else _ini_path(config, profile_ini)
-        profile = load_profile(path)
-        merge(dict(profile.get("engine_kwargs", {})), f"profile {path.name}")
-        engine = profile.get("engine", engine)
-        if profile.get("model"):
-            model = str((path.parent / profile["model"]).resolve())
-        options.tolerance = dict(profile.get("tolerance", {}))
-    merge(parse_kwargs(opt("rlparity_engine_kwarg") or []), "command line")
-    engine = opt("rlparity_engine") or engine
-    if opt("rlparity_model"):
-        model = str(Path(opt("rlparity_model")).expanduser().resolve())
+    ini_engine = config.getini("rlparity_engine")
+    engine = ini_engine or SPEC["engine"].default
+    ini_model = config.getini("rlparity_model")
+    model = read.path(ini_model, "ini") if ini_model else None
+    profile = read.value("profile")
+    if profile:
+        data = load_profile(profile)
+        merge(dict(data.get("engine_kwargs", {})), f"profile {profile.name}")
+        engine = data.get("engine", engine)
+        if data.get("model"):
+            model = (profile.parent / data["model"]).resolve()
+        options.tolerance = dict(data.get("tolerance", {}))
+    merge(parse_kwargs(config.getoption("rlparity_engine_kwarg") or []), "command line")
+    engine = config.getoption("rlparity_engine") or engine
+    if config.getoption("rlparity_model"):
+        model = read.value("model").resolve()
+    options.engine, options.model = engine, str(model) if model else None
+    options.engine_kwargs, options.kwarg_sources = kwargs, sources
+    if enabled:
+        check(options)
+    return options
+
+
+DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16"}
+
+
+def check(options: Options) -> None:
+    """Every resolved value the engine and the checks will use, checked now: the engine's name and
+    kwargs (against the installed engine), the dtype's numerics, the profile's tolerance keys and
+    the model directory. One ``UsageError`` that names what to change."""
     from .engines.registry import engine_class
     from .errors import EngineError
+    from .numerics import numerics_for
 
     try:
-        engine_class(engine)
+        cls = engine_class(options.engine)
     except EngineError as exc:
         raise pytest.UsageError(f"--rlparity-engine: {exc}") from None
-    if model is not None:
+    kwargs = options.engine_kwargs
+    if str(kwargs.get("dtype", "")).removeprefix("torch.") in DTYPE_ALIASES:
+        kwargs["dtype"] = DTYPE_ALIASES[str(kwargs["dtype"]).removeprefix("torch.")]
+    try:
+        cls.validate_kwargs({**cls.default_kwargs, **kwargs})
+    except EngineError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    dtype = {**cls.default_kwargs, **kwargs}.get("dtype", "float32")
+    try:
+        numerics_for(str(dtype)).tolerance.replace(**options.tolerance)
+    except ValueError as exc:
+        raise pytest.UsageError(f"rlparity: {exc} (engine kwarg dtype, or the profile's [tolerance] table)") from None
+    if options.model is not None:
         from .model import check_model_dir
 
         try:
-            check_model_dir(Path(model))
+            check_model_dir(Path(options.model))
         except (ValueError, OSError) as exc:
             raise pytest.UsageError(
                 f"--rlparity-model: {exc}. pytest-rlparity never downloads models; point it at a directory on disk."
             ) from None
-    options.engine, options.model = engine, model
-    options.engine_kwargs, options.kwarg_sources = kwargs, sources
-    return options
-
-
-def _cli_path(config: pytest.Config, value: str | Path) -> Path:
-    """A path from the command line: relative to where pytest was started."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(config.invocation_params.dir) / path
-
-
-def _ini_path(config: pytest.Config, value: str | Path) -> Path:
-    """A path from the ini file: relative to that file, or to where pytest was started if there is none.
-
-    Not relative to the rootdir: pytest derives it from every path-like argument, so
-    ``--rlparity-model /models/x`` alone can move it to ``/``.
-    """
-    path = Path(value).expanduser()
-    base = config.inipath.parent if config.inipath else Path(config.invocation_params.dir)
-    return path if path.is_absolute() else base / path

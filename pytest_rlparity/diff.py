@@ -24,7 +24,7 @@ from .golden import (
     MIGRATION_IDENTITY_KEYS,
     MIGRATION_NOTED_KEYS,
     GoldenDiff,
-    GoldenRecord,
+    Snapshot,
     compare_golden,
     identity_differences,
     load,
@@ -32,7 +32,7 @@ from .golden import (
 )
 from .layers import LAYERS
 from .numerics import numerics_for
-from .results import REPORT_FORMAT
+from .checks import REPORT_FORMAT
 
 
 @dataclass
@@ -94,7 +94,7 @@ def diff_goldens(root_a: Path, root_b: Path) -> tuple[dict[str, LayerDiff], list
         if problems:
             layer.add(name, GoldenDiff(problems=["not comparable: " + "; ".join(problems)]))
             continue
-        record = GoldenRecord(doc_b["sequences"], doc_b["stats"], doc_b.get("sampling"), doc_b["curves"], doc_b["summaries"])
+        record = Snapshot(doc_b["sequences"], doc_b["stats"], doc_b.get("sampling"), doc_b["curves"], doc_b["summaries"])
         layer.add(name, compare_golden(doc_a, record, numerics_for(str(prov_a.get("dtype"))).golden, migration=True))
         if not context:
             context = noted_differences(prov_a, prov_b, MIGRATION_NOTED_KEYS)

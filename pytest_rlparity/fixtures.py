@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .golden import GoldenRecord
-from .layers import LAYERS
+from .golden import Snapshot
+from .layers import CUSTOM, layer_of
 from .numerics import numerics_for
+from .scheduling import xdist_group_of
 from .session import RLParitySession
 from .settings import Tolerance
 
@@ -74,7 +75,7 @@ def rlparity_engine_factory(rlparity_session: RLParitySession) -> Callable[..., 
 def rlparity_trainer(rlparity_session: RLParitySession) -> Trainer:
     """The trainer in fp32 (body and lm_head) on the engine's device: the recompute the engine must match.
 
-    For a bf16/fp16 engine it carries a precision twin (``Recompute.floor``, ``score_floor``):
+    For a bf16/fp16 engine it carries a precision twin (``Recompute.twin``, ``score_twin``):
     the same weights in the engine's precision, which the engine's tolerance is scaled to.
     """
     return rlparity_session.trainer()
@@ -108,7 +109,7 @@ def rlparity_prompts(rlparity_trainer: Trainer) -> list[list[int]]:
 
 
 class GoldenCheck:
-    """Compares one test's record with its golden; bound to the test by :func:`rlparity_golden`."""
+    """Compares one test's snapshot with its golden; bound to the test by :func:`rlparity_golden`."""
 
     def __init__(self, session: RLParitySession, node: pytest.Item) -> None:
         self.session = session
@@ -116,21 +117,21 @@ class GoldenCheck:
 
     def path(self, info: EngineInfo, name: str | None = None) -> Path:
         """Where this test's golden lives for ``info``'s platform."""
-        layer = next((m for m in LAYERS if self.node.get_closest_marker(m)), "custom")
+        layer = layer_of(self.node) or CUSTOM
         return self.session.goldens.path_for(info.platform, layer, name or self.node.name)
 
-    def check(self, record: GoldenRecord, info: EngineInfo, name: str | None = None) -> None:
+    def check(self, snapshot: Snapshot, info: EngineInfo, name: str | None = None) -> None:
         """Compare with (or, when updating, write) the golden for this test on ``info``'s platform.
 
-        :param record: what to keep, e.g. ``record_from(completions, comparison, settings.to_dict())``
-            (:func:`~pytest_rlparity.golden.record_from`).
+        :param snapshot: what to keep, e.g. ``snapshot_from(completions, comparison, settings.to_dict())``
+            (:func:`~pytest_rlparity.golden.snapshot_from`).
         :param info: the engine's :class:`~pytest_rlparity.engines.base.EngineInfo` (its platform picks the directory).
         :param name: the golden's file name when a test keeps more than one (default: the test's name).
         """
         __tracebackhide__ = True
         self.session.goldens.check(
             self.path(info, name),
-            record,
+            snapshot,
             numerics_for(info.dtype).golden,
             provenance=self.session.provenance(info),
             nodeid=self.nodeid,
@@ -140,12 +141,11 @@ class GoldenCheck:
     def nodeid(self) -> str:
         """The test's node id as a command line selects it: without the ``@group`` that pytest-xdist's
         ``--dist loadgroup`` appends."""
-        group = self.node.get_closest_marker("xdist_group")
-        name = (group.args[0] if group.args else group.kwargs.get("name")) if group else None
-        return self.node.nodeid.removesuffix(f"@{name}") if name else self.node.nodeid
+        group = xdist_group_of(self.node)
+        return self.node.nodeid.removesuffix(f"@{group}") if group else self.node.nodeid
 
 
 @pytest.fixture
 def rlparity_golden(rlparity_session: RLParitySession, request: pytest.FixtureRequest) -> GoldenCheck:
-    """Golden snapshot of this test: ``rlparity_golden.check(record, engine.info)``."""
+    """Golden snapshot of this test: ``rlparity_golden.check(snapshot, engine.info)``."""
     return GoldenCheck(rlparity_session, request.node)

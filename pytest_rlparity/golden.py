@@ -26,7 +26,7 @@ from .errors import GoldenError
 from .files import safe_name, write_atomic
 from .layers import causes
 from .numerics import GoldenTolerance
-from .results import publish
+from .checks import publish
 from .settings import FLOOR_LIMITS
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ DRAWN_SETTINGS = ("seed", "stop_token_ids")
 rollouts (the stop-token case stops at the run's most frequent token)."""
 
 @dataclass
-class GoldenRecord:
+class Snapshot:
     """What a check stores: the rollouts it judged and its statistics."""
 
     sequences: list[dict[str, list[Any]]]
@@ -93,13 +93,13 @@ class GoldenStore:
     def check(
         self,
         path: Path,
-        record: GoldenRecord,
+        snapshot: Snapshot,
         tolerance: GoldenTolerance,
         *,
         provenance: dict[str, Any],
         nodeid: str,
     ) -> str | None:
-        """Compare ``record`` with the golden at ``path``; return a note if one was written.
+        """Compare ``snapshot`` with the golden at ``path``; return a note if one was written.
 
         Raises :class:`GoldenError` when the golden is missing, unreadable, from another
         model or configuration, or out of tolerance, unless updating was asked for. In
@@ -113,12 +113,12 @@ class GoldenStore:
             if self.mode == "off":
                 publish({**entry, "verdict": "fail", "findings": [{"cause": str(causes.GOLDEN), "message": "missing"}]})
                 raise GoldenError(f"no golden at {path}{self._platforms_hint(path)}.\nRecord it with: {rerecord}")
-            self._write(path, record, provenance)
+            self._write(path, snapshot, provenance)
             note = f"golden created: {path}"
             publish({**entry, "verdict": "created", "note": note})
             return note
         if self.mode == "all":
-            self._write(path, record, provenance)
+            self._write(path, snapshot, provenance)
             note = f"golden rewritten: {path}"
             publish({**entry, "verdict": "rewritten", "note": note})
             return note
@@ -127,7 +127,7 @@ class GoldenStore:
         problems = identity_differences(golden.get("provenance", {}), provenance, self.identity_keys)
         diff = GoldenDiff(problems)
         if not problems:
-            diff = compare_golden(golden, record, tolerance, migration=self.migration)
+            diff = compare_golden(golden, snapshot, tolerance, migration=self.migration)
         noted = noted_differences(golden.get("provenance", {}), provenance, self.noted_keys)
         entry.update(distance=diff.distance, notes=diff.notes, changed=noted)
         if not diff.problems:
@@ -137,7 +137,7 @@ class GoldenStore:
                 self.allowed.append(allowed)
             return None
         if self.mode == "mismatch":
-            self._write(path, record, provenance)
+            self._write(path, snapshot, provenance)
             note = f"golden re-recorded ({diff.problems[0]}): {path}"
             publish({**entry, "verdict": "re-recorded", "note": note, "findings": [{"cause": str(causes.GOLDEN), "message": p} for p in diff.problems]})
             return note
@@ -147,7 +147,7 @@ class GoldenStore:
             + "\n  - ".join(diff.problems)
             + (f"\nchanged since the golden was recorded: {'; '.join(noted)}" if noted else "")
             + (f"\nallowed differences: {'; '.join(diff.notes)}" if diff.notes else "")
-            + f"\nIf the change is intended, re-record with: {rerecord}",
+            + f"\nIf the change is intended, re-snapshot with: {rerecord}",
             headline=f"golden {path.name}: {diff.problems[0]}",
         )
 
@@ -167,18 +167,18 @@ class GoldenStore:
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         return f" ({self.root} holds goldens for {', '.join(found) or 'no platform'}, none for {platform_dir.name})"
 
-    def _write(self, path: Path, record: GoldenRecord, provenance: dict[str, Any]) -> None:
+    def _write(self, path: Path, snapshot: Snapshot, provenance: dict[str, Any]) -> None:
         document = {
             "format": FORMAT,
             "provenance": provenance,
-            "sampling": record.sampling,
-            "stats": {k: _encode(v) for k, v in record.stats.items()},
-            "sequences": [{k: [_encode(x) for x in v] for k, v in seq.items()} for seq in record.sequences],
+            "sampling": snapshot.sampling,
+            "stats": {k: _encode(v) for k, v in snapshot.stats.items()},
+            "sequences": [{k: [_encode(x) for x in v] for k, v in seq.items()} for seq in snapshot.sequences],
         }
-        if record.curves:
-            document["curves"] = {k: [_encode(x) for x in v] for k, v in record.curves.items()}
-        if record.summaries:
-            document["summaries"] = {k: [_encode(x) for x in v] for k, v in record.summaries.items()}
+        if snapshot.curves:
+            document["curves"] = {k: [_encode(x) for x in v] for k, v in snapshot.curves.items()}
+        if snapshot.summaries:
+            document["summaries"] = {k: [_encode(x) for x in v] for k, v in snapshot.summaries.items()}
         write_atomic(path, dumps(document))
 
 
@@ -280,7 +280,7 @@ def changed_items(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 @dataclass
 class GoldenDiff:
-    """How a record differs from its golden: problems beyond tolerance, allowed differences, distances."""
+    """How a snapshot differs from its golden: problems beyond tolerance, allowed differences, distances."""
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -291,23 +291,23 @@ class GoldenDiff:
     per run summary, how far outside the recorded seeds' band (``summary_<name>``, 0 inside)."""
 
 
-def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance) -> GoldenDiff:
+def compare_snapshots(golden: dict[str, Any], snapshot: Snapshot, tolerance: GoldenTolerance) -> GoldenDiff:
     """Token-level, curve, summary and statistic differences beyond tolerance.
 
-    Logprobs are compared where golden and record hold the same tokens. Sampled tokens may
+    Logprobs are compared where golden and snapshot hold the same tokens. Sampled tokens may
     diverge (another seed, another machine's rounding at a near-tie, another engine's random
     numbers): the common prefix is compared and the divergence is noted. A golden whose
     sequences or steps do not line up with the run's is a problem, never an empty comparison.
     """
     diff = GoldenDiff()
     old_seqs = golden.get("sequences", [])
-    if len(old_seqs) != len(record.sequences):
-        diff.problems.append(f"{len(old_seqs)} sequences in the golden, {len(record.sequences)} now")
+    if len(old_seqs) != len(snapshot.sequences):
+        diff.problems.append(f"{len(old_seqs)} sequences in the golden, {len(snapshot.sequences)} now")
         return diff
     worst: tuple[float, int, int] = (0.0, -1, -1)
     compared = 0
     diverged: list[tuple[int, int]] = []
-    for i, (old, new) in enumerate(zip(old_seqs, record.sequences)):
+    for i, (old, new) in enumerate(zip(old_seqs, snapshot.sequences)):
         if old.get("prompt") != new.get("prompt"):
             diff.problems.append(f"sequence {i}: the prompt differs from the golden's (the suite's prompts changed)")
             continue
@@ -339,20 +339,20 @@ def compare_records(golden: dict[str, Any], record: GoldenRecord, tolerance: Gol
     if atol is None:
         diff.problems.append(
             f"the golden's precision floor (floor_max_abs {golden['stats']['floor_max_abs']!r}) is not finite or "
-            f"beyond {FLOOR_LIMITS['max_abs']:g}: it cannot scale the drift bound; re-record the golden"
+            f"beyond {FLOOR_LIMITS['max_abs']:g}: it cannot scale the drift bound; re-snapshot the golden"
         )
     elif not worst[0] <= atol:
         gap, i, pos = worst
         diff.problems.append(
             f"logprobs drift from the golden by up to {gap:.3g} > {atol:.3g} "
-            f"(sequence {i}, position {pos}: golden {old_seqs[i]['logprobs'][pos]:.6g}, now {record.sequences[i]['logprobs'][pos]:.6g})"
+            f"(sequence {i}, position {pos}: golden {old_seqs[i]['logprobs'][pos]:.6g}, now {snapshot.sequences[i]['logprobs'][pos]:.6g})"
         )
-    _compare_curves(golden.get("curves", {}), record.curves, tolerance, diff)
-    _compare_summaries(golden.get("summaries", {}), record.summaries, tolerance, diff)
+    _compare_curves(golden.get("curves", {}), snapshot.curves, tolerance, diff)
+    _compare_summaries(golden.get("summaries", {}), snapshot.summaries, tolerance, diff)
     old_stats = golden.get("stats", {})
     for name, atol in tolerance.stats_atol.items():
-        if name in old_stats and name in record.stats:
-            old, new = old_stats[name], record.stats[name]
+        if name in old_stats and name in snapshot.stats:
+            old, new = old_stats[name], snapshot.stats[name]
             delta = abs(new - old) if math.isfinite(old) and math.isfinite(new) else math.inf
             diff.distance[f"stat_{name}"] = delta
             if not delta <= atol:
@@ -415,7 +415,7 @@ def _compare_summaries(old: dict[str, list[float]], new: dict[str, list[float]],
             )
 
 
-def compare_golden(golden: dict[str, Any], record: GoldenRecord, tolerance: GoldenTolerance, *, migration: bool) -> GoldenDiff:
+def compare_golden(golden: dict[str, Any], snapshot: Snapshot, tolerance: GoldenTolerance, *, migration: bool) -> GoldenDiff:
     """Sampling settings, then the numbers.
 
     Another sampling seed is another draw of the same check (with the settings a case derives
@@ -424,11 +424,11 @@ def compare_golden(golden: dict[str, Any], record: GoldenRecord, tolerance: Gold
     have adapted its settings to the other sampler (another seed until EOS is drawn, that
     sampler's most frequent token as stop token).
     """
-    old, new = golden.get("sampling") or {}, record.sampling or {}
+    old, new = golden.get("sampling") or {}, snapshot.sampling or {}
     changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
     if changed and not migration and not ("seed" in changed and changed <= set(DRAWN_SETTINGS)):
         return GoldenDiff([sampling_difference(old, new)])
-    diff = compare_records(golden, record, tolerance)
+    diff = compare_snapshots(golden, snapshot, tolerance)
     if changed:
         diff.notes.insert(0, sampling_difference(old, new))
     if migration and NOTHING_COMPARED in diff.problems:  # another engine's sampler draws other tokens: expected
@@ -471,9 +471,9 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def record_from(completions: Any, comparison: Comparison, sampling: dict[str, Any] | None) -> GoldenRecord:
-    """A golden record of an engine's completions (prompt, sampled tokens, their logprobs) and the check's statistics."""
-    return GoldenRecord(
+def snapshot_from(completions: Any, comparison: Comparison, sampling: dict[str, Any] | None) -> Snapshot:
+    """A snapshot of an engine's completions (prompt, sampled tokens, their logprobs) and the check's statistics."""
+    return Snapshot(
         sequences=[{"prompt": list(c.prompt_ids), "tokens": list(c.token_ids), "logprobs": list(c.logprobs)} for c in completions],
         stats=comparison.recorded_stats(),
         sampling=sampling,

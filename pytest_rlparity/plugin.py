@@ -15,7 +15,7 @@ from collections.abc import Generator
 import pytest
 
 from . import config as rlconfig
-from . import cpu_workers, results, worker_exit
+from . import checks, cpu_workers, worker_exit
 from .engines import registry
 from .errors import EngineError, GoldenError, ParityError
 from .fixtures import (  # noqa: F401  (fixtures are registered by being imported here)
@@ -31,79 +31,49 @@ from .fixtures import (  # noqa: F401  (fixtures are registered by being importe
     rlparity_trainer,
     rlparity_trainer_factory,
 )
-from .layers import LAYER_DOC, LAYERS, causes
+from .layers import CUSTOM, LAYER_DOC, LAYERS, causes, layer_of
 from .record import Outcome, RunRecord
-from .scheduling import engine_group_scheduling, keep_xdist_groups
+from .scheduling import auto_workers, engine_group_scheduling, group_session_engine_tests, keep_xdist_groups
 from .session import RLParitySession
 
 CAUSE_KEY = "rlparity_cause"
 HEADLINE_KEY = "rlparity_headline"
 STARTS_KEY = "rlparity_engine_starts"
+LOADGROUP_KEY = "rlparity_loadgroup"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Register ``--rlparity*`` options and their ini keys."""
-    group = parser.getgroup("rlparity", "RL logprob parity (pytest-rlparity)")
-    group.addoption("--rlparity", action="store_true", help="run parity tests against a real engine")
-    group.addoption("--rlparity-model", metavar="DIR", help="local Hugging Face model directory (default: embedded tiny model)")
-    group.addoption(
-        "--rlparity-engine",
-        metavar="NAME",
-        help=f"engine under test, one of the registered engines: {', '.join(registry.names())} (default: vllm)",
-    )
-    group.addoption(
-        "--rlparity-engine-kwarg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="engine kwarg in the engine's own names, value parsed as JSON when it parses; repeatable",
-    )
-    group.addoption("--rlparity-profile", metavar="FILE", help="TOML/JSON profile: engine, model, engine_kwargs, tolerance")
-    group.addoption("--rlparity-golden-dir", metavar="DIR", help="where goldens live (default: golden/)")
-    group.addoption(
-        "--rlparity-update-goldens",
-        nargs="?",
-        const="mismatch",
-        choices=("mismatch", "all"),
-        help="write missing and out-of-tolerance goldens; =all rewrites every golden the run touches",
-    )
-    group.addoption(
-        "--rlparity-baseline",
-        metavar="DIR",
-        help="migration mode: check against goldens recorded by another engine or engine version (read-only)",
-    )
-    group.addoption("--rlparity-report", metavar="PATH", help="JSON report of the run (default: <artifacts dir>/report.json; 'none' to skip)")
-    group.addoption("--rlparity-start-timeout", type=float, metavar="SECONDS", help="give up on an engine start after this long")
-    group.addoption("--rlparity-request-timeout", type=float, metavar="SECONDS", help="give up on one engine call after this long")
-    group.addoption("--rlparity-seed", type=int, metavar="N", help="added to the built-in suite's sampling seeds (default 0)")
-    group.addoption("--rlparity-trainer-device", metavar="DEVICE", help="where the trainer runs (default: the engine's device)")
-    group.addoption(
-        "--rlparity-engine-core",
-        choices=rlconfig.ENGINE_CORES,
-        help="where vLLM's engine core runs: inline (this process), process, or auto (inline on CPU, process on GPU)",
-    )
-    group.addoption(
-        "--rlparity-server-url",
-        metavar="URL",
-        help="engine vllm-server: test the server running at URL (started with VLLM_SERVER_DEV_MODE=1) instead of starting one",
-    )
-    parser.addini("rlparity_model", "local Hugging Face model directory", default="")
-    parser.addini("rlparity_engine", "engine under test (a registered engine name)", default="vllm")
-    parser.addini("rlparity_engine_kwargs", "engine kwargs, one KEY=VALUE per line", type="linelist", default=[])
-    parser.addini("rlparity_profile", "profile file (TOML or JSON)", default="")
-    parser.addini("rlparity_golden_dir", "golden snapshot directory", default="golden")
-    parser.addini("rlparity_artifacts_dir", "where plots of a run are written", default="rlparity-artifacts")
-    parser.addini("rlparity_report", "JSON report path ('none' to skip)", default="")
-    parser.addini("rlparity_start_timeout", "seconds before an engine start is abandoned", default="600")
-    parser.addini("rlparity_request_timeout", "seconds before one engine call is abandoned", default="300")
-    parser.addini("rlparity_max_engines", "engines kept running at once", default="2")
-    parser.addini("rlparity_trainer_device", "where the trainer runs (default: the engine's device)", default="")
-    parser.addini("rlparity_engine_core", "where vLLM's engine core runs: auto, inline or process", default="auto")
-    parser.addini("rlparity_server_url", "a running vLLM server to test (engine vllm-server)", default="")
-    parser.addini(
-        "rlparity_worker_exit",
-        "how a pytest-xdist worker ends after its session: fast (without the interpreter's 2-3 s teardown) or full",
-        default="fast",
-    )
+    """Register ``--rlparity*`` options and their ini keys, from their one definition (:data:`.config.SPECS`)."""
+    rlconfig.add_options(parser)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config) -> Generator[None, object, object]:
+    """``pytest --rlparity -n N`` distributes by engine group (``--dist loadgroup``) unless told otherwise:
+    pytest-xdist's own default, ``load``, would start every engine in every worker. A wrapper, so that it
+    runs before pytest-xdist's own ``tryfirst`` implementation turns ``-n`` into ``--dist load``."""
+    option = config.option
+    if getattr(option, "rlparity", False) and getattr(option, "numprocesses", None) and getattr(option, "dist", None) == "no":
+        option.dist = "loadgroup"
+    return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """Tell each pytest-xdist worker that the run distributes by group: a worker parses the command line
+    again, where ``--dist loadgroup`` set by :func:`pytest_cmdline_main` is missing, and names its tests'
+    groups in their node ids only under it."""
+    config = node.config  # type: ignore[attr-defined]
+    node.workerinput[LOADGROUP_KEY] = config.getvalue("dist") == "loadgroup"  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``pytest --rlparity -n auto``: the measured worker count for the engine's device
+    (:data:`pytest_rlparity.scheduling.AUTO_WORKERS`); without ``--rlparity``, pytest-xdist's own."""
+    if not config.getoption("rlparity"):
+        return None
+    return auto_workers(registry.engine_class(config.getoption("rlparity_engine") or "vllm").installed().device)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -112,6 +82,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xdist_group(name): tests sharing one engine configuration (pytest -n N --dist loadgroup)")
     for layer in LAYERS:
         config.addinivalue_line("markers", f"{layer}: parity layer '{layer}': {LAYER_DOC[layer]} (needs --rlparity)")
+    if getattr(config, "workerinput", {}).get(LOADGROUP_KEY):
+        config.option.loadgroup = True
     options = rlconfig.resolve(config)
     if options.enabled:
         session = RLParitySession(options, worker=hasattr(config, "workerinput"))
@@ -140,6 +112,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return session.header()
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test on the session's engine that names no xdist group joins the session engine's group, so that
+    engine starts once per run under ``-n``, not once per worker (before pytest-xdist reads the groups)."""
+    if get_session(item.config) is not None:
+        group_session_engine_tests(item)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run layers lowest first; without ``--rlparity``, skip every parity test. Under pytest-xdist's
     ``--dist loadgroup``, keep tests that share an engine in one group (also on pytest >= 9.2)."""
@@ -159,12 +138,12 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     parity = get_session(item.config)
     if parity is None:
         return (yield)
-    with parity.record.collecting(item.nodeid) as checks:
+    with parity.record.collecting(item.nodeid) as entries:
         try:
             return (yield)
         finally:
-            if checks:
-                item.user_properties.append((results.PROPERTY, checks))
+            if entries:
+                item.user_properties.append((checks.PROPERTY, entries))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -218,19 +197,19 @@ class OutcomeRecorder:
                 recorded.ended = _rounded(getattr(report, "stop", None))
         if not (report.when == "call" or (report.when == "setup" and not report.passed)):
             return
-        layer = next((m for m in LAYERS if m in report.keywords), None)
+        layer = layer_of(report)
         if layer is None and "rlparity" not in report.keywords:
             return
         props = dict(report.user_properties)
         self.record.outcomes.append(
             Outcome(
                 report.nodeid,
-                layer or "custom",
+                layer or CUSTOM,
                 report.outcome,
                 props.get(CAUSE_KEY),
                 props.get(HEADLINE_KEY, ""),
                 self.spent[report.nodeid],
-                props.get(results.PROPERTY, []),
+                props.get(checks.PROPERTY, []),
                 getattr(report, "worker_id", None),
                 self.began[report.nodeid],
             )
@@ -313,10 +292,11 @@ def _exit_after_term(signum: int) -> None:
 
 
 def _layer_rank(item: pytest.Item) -> int:
-    return next((rank for rank, layer in enumerate(LAYERS) if item.get_closest_marker(layer)), len(LAYERS))
+    layer = layer_of(item)
+    return LAYERS.index(layer) if layer else len(LAYERS)
 
 
 def _is_parity(item: pytest.Item) -> bool:
-    if any(item.get_closest_marker(m) for m in (*LAYERS, "rlparity")):
+    if layer_of(item) or item.get_closest_marker("rlparity"):
         return True
     return any(name.startswith("rlparity_") for name in getattr(item, "fixturenames", ()))

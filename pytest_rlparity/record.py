@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import frameworks, results
+from . import checks, frameworks
+from .checks import CheckEntry
 from .config import Options
 from .files import jsonable, safe_name, write_atomic
-from .layers import LAYER_DOC, LAYERS, causes
+from .layers import CUSTOM, LAYER_DOC, LAYERS, causes
 
 if TYPE_CHECKING:
     from .compare import Comparison
@@ -35,8 +36,8 @@ class Outcome:
     headline: str = ""
     duration: float = 0.0
     """Seconds over set-up, call and teardown (engines start in set-up)."""
-    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    """What the test's checks published (see :mod:`pytest_rlparity.results`)."""
+    checks: list[CheckEntry] = dataclasses.field(default_factory=list)
+    """What the test's checks published (see :mod:`pytest_rlparity.checks`)."""
     worker: str | None = None
     """The pytest-xdist worker that ran it (``None`` in a run without ``-n``)."""
     began: float | None = None
@@ -56,11 +57,11 @@ class RunRecord:
         self.report_written: Path | None = None
 
     @contextlib.contextmanager
-    def collecting(self, nodeid: str) -> Iterator[list[dict[str, Any]]]:
+    def collecting(self, nodeid: str) -> Iterator[list[CheckEntry]]:
         """Collect what the checks of one test publish; a failing comparison also gets its plot."""
-        entries: list[dict[str, Any]] = []
+        entries: list[CheckEntry] = []
 
-        def sink(entry: dict[str, Any], comparison: Comparison | None) -> None:
+        def sink(entry: CheckEntry, comparison: Comparison | None) -> None:
             if comparison is not None and entry.get("verdict") == "fail":
                 from .plots import plot_comparison
 
@@ -69,7 +70,7 @@ class RunRecord:
                 entry["plot"] = plot_comparison(comparison, title, str(self.artifact_path(name)))
             entries.append(entry)
 
-        with results.collecting(sink):
+        with checks.collecting(sink):
             yield entries
 
     def write_report(self, run_info: dict[str, Any]) -> Path | None:
@@ -170,7 +171,7 @@ def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ..
     layer_rows = {}
     failed_below: list[str] = []
     tests = []
-    for layer in (*layers, "custom"):
+    for layer in (*layers, CUSTOM):
         mine = [o for o in outcomes if o.layer == layer]
         if not mine:
             continue
@@ -196,7 +197,7 @@ def build_report(run: dict[str, Any], outcomes: list[Any], layers: tuple[str, ..
         if counts["failed"]:
             failed_below.append(layer)
     return {
-        "format": results.REPORT_FORMAT,
+        "format": checks.REPORT_FORMAT,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "run": jsonable(run),
         "layers": layer_rows,

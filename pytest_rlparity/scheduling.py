@@ -21,10 +21,38 @@ back into the node id where the schedulers read it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
+SESSION_ENGINE_GROUP = "session-engine"
+"""The xdist group of every test on the session's engine (``rlparity_engine``): its configuration starts
+in one worker, not in each worker that happens to get one of its tests."""
+
+AUTO_WORKERS = {"cpu": 2, "cuda": 5}
+"""Workers for ``pytest --rlparity -n auto``, by the engine's device. On CPU each worker's trainer and
+engine use every core: two workers are the measured best on 2 cores (docs/benchmarks.md). On a GPU
+the suite's five long groups (the in-flight checks' process start, three RL runs, the path checks)
+each take a worker and the short groups fill in behind them: more workers only start more engines."""
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The test's xdist group as pytest-xdist names it: its ``xdist_group`` names, sorted, joined by ``_``."""
+    names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    return "_".join(sorted(names)) if names else None
+
+
+def group_session_engine_tests(item: pytest.Item) -> None:
+    """Put a test that uses the session's engine and names no group into :data:`SESSION_ENGINE_GROUP`."""
+    if "rlparity_engine" in getattr(item, "fixturenames", ()) and xdist_group_of(item) is None:
+        item.add_marker(pytest.mark.xdist_group(SESSION_ENGINE_GROUP))
+
+
+def auto_workers(device: str) -> int:
+    """:data:`AUTO_WORKERS` for ``device``, never more than the machine's cores."""
+    return max(1, min(AUTO_WORKERS.get(device, 1), os.cpu_count() or 1))
 
 
 def keep_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> int:
@@ -38,10 +66,9 @@ def keep_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> int:
         return 0
     fixed = 0
     for item in items:
-        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
-        suffix = "@" + "_".join(sorted(names))
-        if names and not item.nodeid.endswith(suffix):
-            item._id = NodeId.parse(item.nodeid + suffix)  # type: ignore[attr-defined]
+        group = xdist_group_of(item)
+        if group and not item.nodeid.endswith(f"@{group}"):
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")  # type: ignore[attr-defined]
             fixed += 1
     return fixed
 

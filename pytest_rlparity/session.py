@@ -93,11 +93,10 @@ class RLParitySession:
 
     @property
     def engine_core(self) -> str:
-        """Where vLLM engine cores run unless a check needs a process: ``--rlparity-engine-core``, or by
-        device (inline on CPU, where it saves a 15 s re-import per start; processes on GPUs)."""
-        if self.options.engine_core != "auto":
-            return self.options.engine_core
-        return "inline" if self.build.device == "cpu" else "process"
+        """Where vLLM engine cores run unless a check needs a process: ``--rlparity-engine-core``; ``auto``
+        is inline, the fast path on CPU (a spawned core re-imports torch and vLLM: 15 s a start) and on
+        GPUs (docs/benchmarks.md)."""
+        return "inline" if self.options.engine_core == "auto" else self.options.engine_core
 
     def engine(self, **overrides: Any) -> Engine:
         """The engine with the session's kwargs plus ``overrides``, started on first use.

@@ -53,3 +53,16 @@ def test_each_worker_shows_when_its_first_test_began_and_its_last_ended():
     assert "outside tests           12.0 s   (9.5 s before the first: start-up and collection; 2.5 s after the last: closing engines, exit)" in summarize(report, 52.0, started=1000.0)
     assert "  worker gw0: 1 starts (20.0 s), checks 20.0 s, busy 40.0 s" in summarize(report, 52.0)  # no start time: no timeline
     assert not any(line.startswith("outside tests") for line in summarize(report, 52.0))
+
+
+def test_a_configuration_started_twice_is_flagged_with_its_workers():
+    report = {
+        "run": {"engine_starts": [
+            {"seconds": 40.0, "kwargs": {"enable_prefix_caching": True}, "worker": "gw0"},
+            {"seconds": 41.0, "kwargs": {"enable_prefix_caching": True}, "worker": "gw3"},
+            {"seconds": 9.0, "kwargs": {"enable_prefix_caching": False}, "worker": "gw1"},
+        ]},
+        "tests": [{"duration_s": 50.0, "outcome": "passed", "worker": "gw0"}],
+    }
+    flagged = [line for line in summarize(report, wall=60.0) if "DUPLICATE" in line]
+    assert flagged == ['  DUPLICATE: one configuration started 2 times (gw0 40.0 s, gw3 41.0 s): {"enable_prefix_caching": true}']

@@ -101,13 +101,13 @@ def test_a_bf16_tolerance_scales_to_the_precision_floor_whatever_the_model_size(
 
     bf16 = numerics_for("bfloat16").tolerance
     for scale in (0.03, 0.07):  # the embedded model's bf16 floor, a 1B model's
-        floor = noisy(REFERENCE, scale, seed=1)
+        twin = noisy(REFERENCE, scale, seed=1)
         clean = noisy(REFERENCE, scale, seed=2)
-        passed = compare_logprobs(clean, REFERENCE, bf16, floor=floor)
-        assert passed.ok, passed.report()
+        passed = compare_logprobs(clean, REFERENCE, bf16, twin=twin)
+        assert passed.ok, passed.explain()
         assert 0.7 < passed.floor_ratios()["mean_abs"] < 1.4
-        assert "precision floor (the trainer in the engine's precision vs fp32, 320 tokens)" in passed.report()
-        failed = compare_logprobs(noisy(REFERENCE, 10 * scale, seed=3), REFERENCE, bf16, floor=floor)
+        assert "precision floor (the trainer in the engine's precision vs fp32, 320 tokens)" in passed.explain()
+        failed = compare_logprobs(noisy(REFERENCE, 10 * scale, seed=3), REFERENCE, bf16, twin=twin)
         assert not failed.ok and any(v.startswith("mean_abs") for v in failed.violations)
 
 
@@ -115,13 +115,13 @@ def test_a_calibrated_tolerance_needs_a_floor_and_a_pinned_bound_wins():
     from pytest_rlparity.numerics import numerics_for
 
     bf16 = numerics_for("bfloat16").tolerance
-    with pytest.raises(ValueError, match="scaled to the model's precision floor: pass floor="):
+    with pytest.raises(ValueError, match="scaled to the model's precision floor: pass twin="):
         compare_logprobs(REFERENCE, REFERENCE, bf16)
-    floor = noisy(REFERENCE, 0.03, seed=1)
+    twin = noisy(REFERENCE, 0.03, seed=1)
     pinned = bf16.replace(mean_abs=0.001)  # a profile's [tolerance] mean_abs = 0.001
-    assert compare_logprobs(noisy(REFERENCE, 0.03, seed=2), REFERENCE, pinned, floor=floor).violations[0].startswith("mean_abs")
+    assert compare_logprobs(noisy(REFERENCE, 0.03, seed=2), REFERENCE, pinned, twin=twin).violations[0].startswith("mean_abs")
     # A floor of zero (reduced precision that equals fp32) never makes bounds sharper than fp32's.
-    exact = compare_logprobs(REFERENCE, REFERENCE, bf16, floor=REFERENCE)
+    exact = compare_logprobs(REFERENCE, REFERENCE, bf16, twin=REFERENCE)
     assert exact.ok and exact.tolerance.mean_abs == Tolerance().mean_abs
 
 

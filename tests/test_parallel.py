@@ -10,7 +10,7 @@ from pytest_rlparity.engines.base import EngineInfo, skips_on
 from pytest_rlparity.engines.vllm_transfer import unavailable
 from pytest_rlparity.errors import ParityError
 from pytest_rlparity.layers.bitwise import bit_difference, check_bitwise
-from pytest_rlparity.results import collecting
+from pytest_rlparity.checks import collecting
 
 
 def test_rank_qualified_skips_apply_on_their_rank_only():

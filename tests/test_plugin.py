@@ -104,6 +104,10 @@ def test_header_names_engine_model_device_dtype_and_kwarg_sources(pytester):
         (["--rlparity-model", "/nonexistent/model"], "not a local Hugging Face model directory"),
         (["--rlparity-profile", "missing.toml"], "profile * does not exist"),
         (["--rlparity-engine-core", "thread"], "invalid choice: 'thread'*"),
+        (["--rlparity-engine-kwarg", "enable_prefix_cachin=true"], "'enable_prefix_cachin' is not an engine argument of the installed vLLM (did you mean enable_prefix_caching*"),
+        (["--rlparity-engine-kwarg", "logprobs_mode=processed"], "logprobs_mode='processed' is not one of raw_logprobs*"),
+        (["--rlparity-engine-kwarg", "dtype=float8"], "no numerics for dtype 'float8'*"),
+        (["--rlparity-start-timeout", "soon"], "--rlparity-start-timeout: 'soon' is not a number"),
     ],
 )
 def test_bad_options_are_usage_errors(pytester, args, message):
@@ -111,6 +115,45 @@ def test_bad_options_are_usage_errors(pytester, args, message):
     result = pytester.runpytest("--rlparity", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+@pytest.mark.parametrize(
+    ("ini", "profile", "message"),
+    [
+        ("rlparity_engine_core = thread", "", "ini key rlparity_engine_core: 'thread' is not one of auto, inline, process"),
+        ("rlparity_max_engines = two", "", "ini key rlparity_max_engines: 'two' is not a whole number"),
+        ("rlparity_engine_kwargs = enforce_eagr=true", "", "'enforce_eagr' is not an engine argument*"),
+        ("", "[tolerance]\nmean_abz = 0.1\n", "unknown tolerance field(s)*mean_abz*the profile's*tolerance*table*"),
+        ("", "[engine_kwargs]\ndtype = 'auto'\n", "no numerics for dtype 'auto'*"),
+    ],
+)
+def test_a_bad_value_from_any_source_is_one_usage_error_before_any_engine_starts(pytester, ini, profile, message):
+    """Checked once at configure time, however the value arrives (ini, profile, command line): the test
+    that would start an engine never runs, and the error is not repeated per test or per worker."""
+    pytester.makeini("[pytest]\n" + ini + ("\nrlparity_profile = p.toml" if profile else ""))
+    if profile:
+        pytester.makefile(".toml", p=profile)
+    pytester.makepyfile("def test_engine(rlparity_engine): raise AssertionError('an engine was started')")
+    result = pytester.runpytest("--rlparity", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+    assert "an engine was started" not in result.stdout.str() and result.stderr.str().count("ERROR:") == 1
+
+
+def test_dtype_aliases_are_read_as_the_dtype_they_name(pytester):
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest("--rlparity", "--rlparity-engine-kwarg", "dtype=half", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["rlparity: engine vllm (*), device cpu, dtype float16 (*)"])
+
+
+def test_every_option_is_in_the_readme_table_as_its_one_definition_says():
+    """The README's options table is generated from the options' one definition (``python -m pytest_rlparity options``)."""
+    from pathlib import Path
+
+    from pytest_rlparity.config import options_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert options_table() in readme, "run: python -m pytest_rlparity options, and paste its table into the README"
 
 
 @pytest.mark.parametrize(

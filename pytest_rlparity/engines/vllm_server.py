@@ -8,7 +8,7 @@ and speaks to it with the standard library only.
 
 What the JSON path changes, and how this client reads it back:
 
-- vLLM writes ``-inf`` (and NaN) logprobs as ``-9999.0`` (:data:`JSON_FLOOR`): read back as ``-inf``;
+- vLLM writes ``-inf`` (and NaN) logprobs as ``-9999.0`` (:data:`JSON_MINUS_INF`): read back as ``-inf``;
 - alternatives are keyed by text unless ``return_tokens_as_token_ids`` is set, and two ids that
   decode alike collapse into one key: ids are always asked for;
 - a text prompt is tokenized again by the server: prompts are sent as token ids, and the ids the
@@ -42,6 +42,7 @@ from ..settings import SamplingSettings
 from .base import (
     HTTP,
     PAUSE_MODES,
+    REQUEST_TIMEOUT_S,
     VLLM_ENGINE_ARGS,
     Completion,
     EngineInfo,
@@ -50,9 +51,9 @@ from .base import (
     request_seed,
 )
 from .processes import EngineOutput, ProcessGroup, watchdog
-from .vllm import (
+from .vllm_worker import WORKER_METHODS
+from .vllm_installed import (
     NOT_INSTALLED_ERROR,
-    WORKER_METHODS,
     VLLMInstallation,
     installed_version,
     set_env_defaults,
@@ -61,7 +62,7 @@ from .vllm import (
     validate_kwargs,
 )
 
-JSON_FLOOR = -9999.0
+JSON_MINUS_INF = -9999.0
 """vLLM's OpenAI server writes a logprob of ``-inf`` (or NaN) as this in JSON."""
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -82,7 +83,7 @@ SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 class HTTPFaults:
     """What a naive client of the server gets wrong; all off in the real engine."""
 
-    floor_as_logprob: bool = False
+    minus_inf_as_logprob: bool = False
     """Keep ``-9999.0`` as a logprob instead of ``-inf``."""
     alternatives_by_text: bool = False
     """Ask for alternatives keyed by decoded text, and map each text back to one token id."""
@@ -105,7 +106,7 @@ class VLLMServerEngine(VLLMInstallation):
         url: str,
         info: EngineInfo,
         *,
-        request_timeout: float = 300.0,
+        request_timeout: float = REQUEST_TIMEOUT_S,
         processes: ProcessGroup | None = None,
         output: EngineOutput | None = None,
         faults: HTTPFaults = HTTPFaults(),
@@ -162,7 +163,7 @@ class VLLMServerEngine(VLLMInstallation):
 
     @classmethod
     def attach(
-        cls, url: str, *, request_timeout: float = 300.0, model_dir: str | None = None, faults: HTTPFaults = HTTPFaults()
+        cls, url: str, *, request_timeout: float = REQUEST_TIMEOUT_S, model_dir: str | None = None, faults: HTTPFaults = HTTPFaults()
     ) -> VLLMServerEngine:
         """A client of a server that is already running (started with ``VLLM_SERVER_DEV_MODE=1``). The server
         stays up on :meth:`close`: whoever started it ends it."""
@@ -347,7 +348,7 @@ class VLLMServerEngine(VLLMInstallation):
     def _logprob(self, value: float | None) -> float:
         if value is None:
             return float("nan")
-        if value <= JSON_FLOOR and not self.faults.floor_as_logprob:
+        if value <= JSON_MINUS_INF and not self.faults.minus_inf_as_logprob:
             return float("-inf")
         return round(float(value), self.faults.decimals) if self.faults.decimals is not None else float(value)
 

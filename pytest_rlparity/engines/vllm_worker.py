@@ -14,6 +14,12 @@ from .base import checkpoint_tensors, skips_on
 
 EXTENSION = "pytest_rlparity.engines.vllm_worker.WeightSyncExtension"
 
+WORKER_METHODS = {
+    "reload_tensors": "rlparity_reload_from_tensors",
+    "write_parameters": "rlparity_write_parameters",
+}
+"""Update methods that run inside the worker, by the extension's method names."""
+
 
 class WeightSyncExtension:
     """Methods added to every vLLM worker; ``self`` is the worker."""

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ParityError
-from ..results import publish
+from ..checks import publish
 from . import causes
 from .inference_path import LAYER
-from .report import Finding
+from .result import Finding
 
 FLAG = "VLLM_BATCH_INVARIANT"
 
@@ -48,7 +48,7 @@ class BitDifference:
     def equal(self) -> bool:
         return self.differing == 0 and self.diverged == 0
 
-    def entry(self) -> dict[str, object]:
+    def check_entry(self) -> dict[str, object]:
         return {"path": self.path, "values": self.values, "differing": self.differing, "bits": self.bits,
                 "max_abs": self.max_abs, "diverged_requests": self.diverged}
 
@@ -95,7 +95,7 @@ def check_bitwise(differences: Sequence[BitDifference], *, invariant: bool, labe
     publish({
         "kind": "bitwise", "label": label, "layer": LAYER, "batch_invariant": invariant,
         "verdict": "fail" if invariant and failing else "pass",
-        "paths": [{**d.entry(), "promised": d.path in PROMISED} for d in differences],
+        "paths": [{**d.check_entry(), "promised": d.path in PROMISED} for d in differences],
     })
     if not invariant or not failing:
         return

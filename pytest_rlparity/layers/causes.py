@@ -52,7 +52,7 @@ SAMPLED_TOKEN_PRESENT = Cause("sampled token present", SEMANTIC, "report the sam
 PROMPT_LOGPROBS = Cause("prompt logprobs", SEMANTIC, "prompt logprob t must score token t given tokens < t; compare one sequence by hand")
 TOKEN_COUNT = Cause("token/logprob count", SEMANTIC, "read one logprob per sampled token, including the final EOS or stop token")
 TOKEN_IDS = Cause("token ids round-trip", SEMANTIC, "send prompts as token ids and use the engine's token ids; never re-tokenize decoded text")
-JSON_FLOOR = Cause("JSON logprob floor", SEMANTIC, "read -9999.0 in vLLM's JSON as -inf (probability 0)")
+JSON_MINUS_INF = Cause("JSON -9999 logprob", SEMANTIC, "read -9999.0 in vLLM's JSON as -inf (probability 0)")
 PRECISION = Cause("logprob precision", SEMANTIC, "serialize logprobs at full float precision (no fixed decimals)")
 ALTERNATIVES_BY_TEXT = Cause("alternatives keyed by text", SEMANTIC, "ask for alternatives keyed by token id (vLLM's server: return_tokens_as_token_ids=true)")
 FINISH = Cause("finish handling", SEMANTIC, "score the EOS/stop token the engine sampled; strip stop strings from text only")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import ParityError, ReferenceCheckError
 from ..files import jsonable
 from ..numerics import OnPolicyBounds
-from ..results import publish
+from ..checks import publish
 from . import causes
 
 if TYPE_CHECKING:

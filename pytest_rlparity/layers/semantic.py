@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, compare_logprobs, floor_summary
 from ..engines.base import Completion
-from ..engines.vllm_server import JSON_FLOOR
+from ..engines.vllm_server import JSON_MINUS_INF
 from ..settings import SamplingSettings, Tolerance
 from . import causes
-from .report import Finding, LayerReport
+from .result import Finding, LayerResult
 
 if TYPE_CHECKING:
     from ..trainer.recompute import Recompute
@@ -37,8 +37,8 @@ DIAGNOSIS_RATIO = 10.0
 """A hypothesis (raw, shifted) is named when it fits this many times better than the aligned, processed one."""
 
 
-def semantic_report(label: str, comparison: Comparison) -> LayerReport:
-    return LayerReport(LAYER, label, comparison, summary="the engine's logprobs do not mean what the trainer assumes")
+def semantic_result(label: str, comparison: Comparison) -> LayerResult:
+    return LayerResult(LAYER, label, comparison, summary="the engine's logprobs do not mean what the trainer assumes")
 
 
 def check_scores(
@@ -47,22 +47,22 @@ def check_scores(
     tolerance: Tolerance,
     *,
     label: str,
-    floor: Sequence[Sequence[float]] | None = None,
-) -> LayerReport:
+    twin: Sequence[Sequence[float]] | None = None,
+) -> LayerResult:
     """Teacher-forced logprobs of fixed sequences (the engine's prompt logprobs) against the trainer's.
 
-    ``floor``: the same scores by the trainer in the engine's precision (``Trainer.score_floor``).
+    ``twin``: the same scores by the trainer in the engine's precision (``Trainer.score_twin``).
     """
-    report = semantic_report(label, compare_logprobs(engine, trainer, tolerance, floor=floor))
-    if not report.comparison.ok:
-        report.findings.append(
+    result = semantic_result(label, compare_logprobs(engine, trainer, tolerance, twin=twin))
+    if not result.comparison.ok:
+        result.findings.append(
             Finding(
                 causes.PROMPT_LOGPROBS,
                 "the engine scores fixed text differently from the trainer: check that prompt logprob t scores "
                 "token t given the tokens before it, and the engine's weights, dtype and lm_head precision",
             )
         )
-    return report
+    return result
 
 
 def check_completions(
@@ -72,7 +72,7 @@ def check_completions(
     tolerance: Tolerance,
     *,
     tokenizer: Any,
-) -> LayerReport:
+) -> LayerResult:
     """Run every semantic check on completions the engine sampled with ``settings``.
 
     ``tokenizer`` is the trainer's Hugging Face tokenizer: it decodes tokens for the
@@ -92,13 +92,13 @@ def check_completions(
         return [v[:n] for v, n in zip(values, scored)]
 
     engine, processed = cut([c.logprobs for c in completions]), cut(recompute.processed)
-    floor = cut(recompute.floor_processed) if recompute.floor_processed is not None else None
+    twin = cut(recompute.twin_processed) if recompute.twin_processed is not None else None
     comparison = compare_logprobs(
-        engine, processed, tolerance, token_ids=cut([c.token_ids for c in completions]), decode=decode, floor=floor,
+        engine, processed, tolerance, token_ids=cut([c.token_ids for c in completions]), decode=decode, twin=twin,
         sampled=True,
     )
-    report = semantic_report(settings.label(), comparison)
-    findings = report.findings
+    result = semantic_result(settings.label(), comparison)
+    findings = result.findings
     findings += _reported_tokens(completions)
     findings += _reported_values(completions)
     if settings.top_logprobs:
@@ -109,10 +109,10 @@ def check_completions(
         findings += _diagnose(engine, processed, cut(recompute.raw), comparison)
     if recompute.alternatives is not None and settings.top_logprobs:
         alternatives = _alternatives(completions, recompute, tolerance, decode)
-        report.extra.append(alternatives)
+        result.extra.append(alternatives)
         if not alternatives.ok:
             findings.append(Finding(causes.TOP_K_ALTERNATIVES, "the engine's reported alternatives disagree with the trainer"))
-    return report
+    return result
 
 
 def _diagnose(
@@ -222,12 +222,12 @@ def _reported_values(completions: Sequence[Completion]) -> list[Finding]:
     values = [v for c in completions for step in (c.top_logprobs or []) for v in step.values()]
     values += [v for c in completions for v in c.logprobs]
     findings = []
-    floored = [v for v in values if v == JSON_FLOOR]
+    floored = [v for v in values if v == JSON_MINUS_INF]
     if floored:
         findings.append(Finding(
-            causes.JSON_FLOOR,
-            f"{len(floored)} reported logprob(s) equal {JSON_FLOOR}, vLLM's JSON stand-in for -inf: read values of "
-            f"{JSON_FLOOR} or below as -inf (a token outside the top-k/top-p support has probability 0, not e^{JSON_FLOOR:g})",
+            causes.JSON_MINUS_INF,
+            f"{len(floored)} reported logprob(s) equal {JSON_MINUS_INF}, vLLM's JSON stand-in for -inf: read values of "
+            f"{JSON_MINUS_INF} or below as -inf (a token outside the top-k/top-p support has probability 0, not e^{JSON_MINUS_INF:g})",
         ))
     sampled = [v for c in completions for v in c.logprobs if math.isfinite(v) and v != 0.0]
     if len(sampled) >= 10 and all(v == round(v, ROUNDED_DECIMALS) for v in sampled):
@@ -315,15 +315,15 @@ def _alternatives(
     completions: Sequence[Completion], recompute: Recompute, tolerance: Tolerance, decode: Callable[[list[int]], str]
 ) -> Comparison:
     """Compare every reported top-k alternative, not only the sampled token: the full distribution."""
-    engine, trainer, floor, ids = [], [], [], []
-    floor_alternatives = recompute.floor.alternatives if recompute.floor is not None else None
+    engine, trainer, twin, ids = [], [], [], []
+    twin_alternatives = recompute.twin.alternatives if recompute.twin is not None else None
     for n, (c, alts) in enumerate(zip(completions, recompute.alternatives or [])):
         for pos, (step, trainer_step) in enumerate(zip(c.top_logprobs or [], alts)):
             # ids outside the vocabulary (the trainer has no logprob for them) are a finding of their own
             tokens = sorted(t for t in step if not math.isnan(trainer_step.get(t, math.nan)))
             engine.append([step[t] for t in tokens])
             trainer.append([trainer_step[t] for t in tokens])
-            if floor_alternatives is not None:
-                floor.append([floor_alternatives[n][pos][t] for t in tokens])
+            if twin_alternatives is not None:
+                twin.append([twin_alternatives[n][pos][t] for t in tokens])
             ids.append(tokens)
-    return compare_logprobs(engine, trainer, tolerance, token_ids=ids, decode=decode, floor=floor if floor_alternatives is not None else None)
+    return compare_logprobs(engine, trainer, tolerance, token_ids=ids, decode=decode, twin=twin if twin_alternatives is not None else None)

@@ -4,6 +4,7 @@ from typing import Any
 
 from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.model import CORPUS, tokens_of_length
+from pytest_rlparity.scheduling import SESSION_ENGINE_GROUP
 
 RL_ENGINE = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION}
 """The engine of the objective layer's RL loop and of the inference path's prefix-cache and update checks
@@ -30,7 +31,7 @@ LONGEST_FIRST = (
     "path-engine",
     "lm-head-engines",
     "runtime-mode-engines",
-    "session-engine",
+    SESSION_ENGINE_GROUP,
     "chunked-prefill-engine",
     "transfer-engines",
     "batch-invariant-engines",

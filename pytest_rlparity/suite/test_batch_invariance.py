@@ -59,13 +59,13 @@ def test_batching_changes_no_bits(invariant, rlparity_session, rlparity_engine_f
             pytrace=False,
         )
     differences = measure_paths(rlparity_engine_factory, rlparity_prompts, long_prompts)
-    record_property("bitwise", [d.entry() for d in differences])
+    record_property("bitwise", [d.check_entry() for d in differences])
     print("\n" + "\n".join(f"{d.path}: {d.differing}/{d.values} logprobs differ, {d.bits} bits" for d in differences))
     engine = rlparity_engine_factory(**INVARIANT_ENGINE)
     completions = engine.generate(rlparity_prompts, GREEDY)
     recompute = rlparity_trainer.recompute(completions, GREEDY)
     trainer_gap = compare_paths(
-        recompute.processed, [c.logprobs for c in completions], rlparity_tolerance, floor=recompute.floor_processed,
+        recompute.processed, [c.logprobs for c in completions], rlparity_tolerance, twin=recompute.twin_processed,
         label=f"trainer vs the {FLAG} engine", cause=causes.LOGPROB_VALUES,
         hint="the batch-invariant engine is further from the trainer than the precision floor allows",
     )

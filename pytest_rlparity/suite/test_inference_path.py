@@ -16,7 +16,9 @@ from pytest_rlparity.engines.base import ENGINE_CORE, PAUSE_MODES, VLLM_ENGINE_A
 from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
 from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
 from pytest_rlparity.layers import causes
-from pytest_rlparity.layers.inference_path import check_after_update, check_update_in_flight, compare_paths, same_tokens, visible_step
+from pytest_rlparity.layers.inference_path import compare_paths, same_tokens
+from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, visible_step
+from pytest_rlparity.scheduling import SESSION_ENGINE_GROUP
 from pytest_rlparity.settings import SamplingSettings
 from pytest_rlparity.suite import CHUNK, RL_ENGINE, UPDATE_ENGINE
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.inference_path
 
 # Each test names the engine configuration it uses as its xdist group: with
 # `pytest -n N --dist loadgroup` the configurations start side by side, one per worker.
-ON_SESSION_ENGINE = pytest.mark.xdist_group("session-engine")
+ON_SESSION_ENGINE = pytest.mark.xdist_group(SESSION_ENGINE_GROUP)
 ON_PATH_ENGINE = pytest.mark.xdist_group("path-engine")
 ON_IN_FLIGHT_ENGINE = pytest.mark.xdist_group("in-flight-engine")
 
@@ -72,8 +74,8 @@ def test_batch_composition_does_not_change_scores(vllm_paths, rlparity_engine, r
     batched = rlparity_engine.score([*others[:3], target, *others[3:]])[3:4]
     reordered = rlparity_engine.score([target, *reversed(others)])[:1]
     reference = rlparity_trainer.score([target])
-    floor = rlparity_trainer.score_floor([target])
-    floor_stats = precision_floor(floor, reference) if floor is not None else None
+    twin = rlparity_trainer.score_twin([target])
+    floor_stats = precision_floor(twin, reference) if twin is not None else None
     for label, scores in (("in a batch of 11", batched), ("first of a reversed batch", reordered)):
         compare_paths(
             alone, scores, rlparity_tolerance, label=f"request alone vs {label}", cause=causes.BATCH_COMPOSITION,
@@ -81,7 +83,7 @@ def test_batch_composition_does_not_change_scores(vllm_paths, rlparity_engine, r
         ).raise_if_failed()
     compare_paths(
         reference, alone, rlparity_tolerance, label="request alone vs trainer",
-        cause=causes.SCORING, hint="teacher-forced scores differ from the trainer's", floor=floor,
+        cause=causes.SCORING, hint="teacher-forced scores differ from the trainer's", twin=twin,
     ).raise_if_failed()
 
 
@@ -91,7 +93,7 @@ def test_same_seed_same_rollouts(vllm_paths, rlparity_session, rlparity_engine, 
     first = rlparity_engine.generate(rlparity_prompts, settings)
     second = rlparity_engine.generate(rlparity_prompts, settings)
     recompute = rlparity_trainer.recompute(first, settings)
-    floor_stats = precision_floor(recompute.floor_processed, recompute.processed) if recompute.floor else None
+    floor_stats = precision_floor(recompute.twin_processed, recompute.processed) if recompute.twin else None
     report = same_tokens(first, second, label="same seed, two runs", cause=causes.SEEDED_SAMPLING) or compare_paths(
         [c.logprobs for c in first], [c.logprobs for c in second], rlparity_tolerance,
         label="same seed, two runs", cause=causes.SEEDED_SAMPLING, hint="the same seeded request returned other logprobs",
@@ -118,7 +120,7 @@ def test_chunked_prefill_matches_trainer(vllm_paths, rlparity_engine_factory, rl
         label=f"chunked prefill ({chunk}-token budget) vs trainer",
         cause=causes.CHUNKED_PREFILL,
         hint=f"prompts split into {chunk}-token chunks are scored differently from one pass",
-        floor=rlparity_trainer.score_floor(long_prompts),
+        twin=rlparity_trainer.score_twin(long_prompts),
     ).raise_if_failed()
 
 
@@ -143,7 +145,7 @@ def test_runtime_mode_matches_trainer(device, rlparity_session, rlparity_engine_
     completions = engine.generate(rlparity_prompts, settings)
     recompute = rlparity_trainer.recompute(completions, settings)
     compare_paths(
-        recompute.processed, [c.logprobs for c in completions], rlparity_tolerance, floor=recompute.floor_processed,
+        recompute.processed, [c.logprobs for c in completions], rlparity_tolerance, twin=recompute.twin_processed,
         label=f"{kwargs} vs trainer", cause=causes.for_kwarg(next(iter(kwargs))), hint=f"the engine with {kwargs} disagrees with the trainer",
     ).raise_if_failed()
 
@@ -177,7 +179,7 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
         engine = rlparity_engine_factory(model=str(model), dtype="bfloat16", hf_overrides=head_overrides or None)
         completions = engine.generate(rlparity_prompts, settings)
         runs[head] = (completions, trainer.recompute(completions, settings))
-        comparison = compare_logprobs([c.logprobs for c in completions], runs[head][1].processed, bf16, floor=runs[head][1].floor_processed)
+        comparison = compare_logprobs([c.logprobs for c in completions], runs[head][1].processed, bf16, twin=runs[head][1].twin_processed)
         measured[head] = {k: comparison.stats[k] for k in ("prob_correlation", "mean_abs", "max_abs", "mean_offset", "k3_kl")}
         measured[head]["floor_ratio_mean_abs"] = comparison.floor_ratios().get("mean_abs")
         record_property(f"lm_head_{head}", measured[head])
@@ -196,7 +198,7 @@ def test_lm_head_precision(device, rlparity_session, rlparity_engine_factory, rl
         )
     completions, recompute = runs[head]
     compare_paths(
-        recompute.processed, [c.logprobs for c in completions], bf16, floor=recompute.floor_processed,
+        recompute.processed, [c.logprobs for c in completions], bf16, twin=recompute.twin_processed,
         label=f"bf16 engine, {head} lm_head vs fp32 trainer", token_ids=[c.token_ids for c in completions],
         decode=trainer.tokenizer.decode, cause=cause, hint=hint,
     ).raise_if_failed()
@@ -219,7 +221,7 @@ def test_prefix_cache_hits_match_a_cold_cache(fresh_path_engine, rlparity_sessio
             recompute.processed,
             [c.logprobs for c in warm],
             rlparity_tolerance,
-            floor=recompute.floor_processed,
+            twin=recompute.twin_processed,
             label=f"prefix-cache hits ({min(hits)}+ cached tokens) vs trainer",
             token_ids=[c.token_ids for c in warm],
             decode=rlparity_trainer.tokenizer.decode,

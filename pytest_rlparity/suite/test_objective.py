@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 
 from pytest_rlparity.engines.base import VLLM_ENGINE_ARGS
-from pytest_rlparity.golden import GoldenRecord, load
+from pytest_rlparity.golden import Snapshot, load
 from pytest_rlparity.layers.objective import check_learns, check_on_policy, curve_summaries, curves
 from pytest_rlparity.model import CORPUS
 from pytest_rlparity.plots import plot_curves
-from pytest_rlparity.results import publish
+from pytest_rlparity.checks import publish
 from pytest_rlparity.suite import RL_ENGINE
 
 pytestmark = pytest.mark.objective
@@ -63,7 +63,7 @@ def test_rl_loop_stays_on_policy_learns_and_follows_its_golden_curve(loss, rl_en
         runs.append(history)
     sampling = {"loss": loss, **RLConfig().sampling.to_dict()}
     summaries = [curve_summaries(h) for h in runs]
-    record = GoldenRecord(
+    record = Snapshot(
         sequences=[], stats={}, sampling=sampling, curves=curves(runs[0]),
         summaries={name: [s[name] for s in summaries] for name in summaries[0]},
     )

@@ -13,12 +13,13 @@ import dataclasses
 
 import pytest
 
-from pytest_rlparity.golden import GoldenRecord, record_from
+from pytest_rlparity.golden import Snapshot, snapshot_from
 from pytest_rlparity.layers.semantic import check_completions, check_scores
 from pytest_rlparity.model import CORPUS, non_canonical_prompts
+from pytest_rlparity.scheduling import SESSION_ENGINE_GROUP
 from pytest_rlparity.settings import Case, SamplingSettings
 
-pytestmark = [pytest.mark.semantic, pytest.mark.xdist_group("session-engine")]
+pytestmark = [pytest.mark.semantic, pytest.mark.xdist_group(SESSION_ENGINE_GROUP)]
 
 GRID = [
     Case("greedy", SamplingSettings(temperature=0.0, top_logprobs=5)),  # argmax; processed = raw unless penalties
@@ -45,7 +46,7 @@ def check_and_record(completions, settings, engine, trainer, tolerance, golden) 
     recompute = trainer.recompute(completions, settings)
     report = check_completions(completions, recompute, settings, tolerance, tokenizer=trainer.tokenizer)
     report.raise_if_failed()
-    golden.check(record_from(completions, report.comparison, settings.to_dict()), engine.info)
+    golden.check(snapshot_from(completions, report.comparison, settings.to_dict()), engine.info)
 
 
 FINISH = [
@@ -144,10 +145,10 @@ def test_teacher_forced_scores_match_trainer(rlparity_engine, rlparity_trainer, 
     scores = rlparity_engine.score(sequences)
     report = check_scores(
         scores, rlparity_trainer.score(sequences), rlparity_tolerance, label="teacher-forced scores of the corpus",
-        floor=rlparity_trainer.score_floor(sequences),
+        twin=rlparity_trainer.score_twin(sequences),
     )
     report.raise_if_failed()
-    record = GoldenRecord(
+    record = Snapshot(
         sequences=[{"prompt": [], "tokens": list(s), "logprobs": list(lp)} for s, lp in zip(sequences, scores)],
         stats=report.comparison.recorded_stats(),
         sampling={"teacher_forced": True},

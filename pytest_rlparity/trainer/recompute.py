@@ -35,13 +35,13 @@ class Recompute:
     """Per position, the trainer's processed logprob of every token the engine reported there."""
     entropy: list[list[float]] | None = None
     """Per position, the entropy (nats) of the processed distribution."""
-    floor: Recompute | None = None
+    twin: Recompute | None = None
     """The same recompute by the trainer's precision twin (the engine's precision), if it has one."""
 
     @property
-    def floor_processed(self) -> list[list[float]] | None:
-        """The twin's processed logprobs: the ``floor=`` of a calibrated comparison."""
-        return self.floor.processed if self.floor is not None else None
+    def twin_processed(self) -> list[list[float]] | None:
+        """The twin's processed logprobs: the ``twin=`` of a calibrated comparison."""
+        return self.twin.processed if self.twin is not None else None
 
 
 class Trainer(Policy):
@@ -72,7 +72,7 @@ class Trainer(Policy):
         recomputed as if their KV from before it had been kept (see :meth:`completion_logits`).
         """
         twin = self._synced_twin()
-        floor = twin.recompute(completions, settings, kv_from=kv_from) if twin is not None else None
+        by_twin = twin.recompute(completions, settings, kv_from=kv_from) if twin is not None else None
         processed, raw, alternatives, entropy = [], [], [], []
         for c in completions:
             if not c.token_ids:
@@ -95,7 +95,7 @@ class Trainer(Policy):
             reported = c.top_logprobs or []
             alternatives.append([{t: float(lp[pos, t]) if 0 <= t < lp.shape[1] else float("nan") for t in step} for pos, step in enumerate(reported)])
             entropy.append(sampling.entropy(lp).tolist())
-        return Recompute(processed, raw, alternatives, entropy, floor)
+        return Recompute(processed, raw, alternatives, entropy, by_twin)
 
     def check_reference(self, sequences: Sequence[Sequence[int]]) -> dict[str, float] | None:
         """Check the reference before it judges: this trainer's and its twin's logits path is the model's own
@@ -133,7 +133,7 @@ class Trainer(Policy):
         self.model.eval()
         return float(loss.detach())
 
-    def score_floor(self, sequences: Sequence[Sequence[int]]) -> list[list[float]] | None:
+    def score_twin(self, sequences: Sequence[Sequence[int]]) -> list[list[float]] | None:
         """:meth:`score` by the precision twin (``None`` without one): the floor of a calibrated score check."""
         twin = self._synced_twin()
         return twin.score(sequences) if twin is not None else None

@@ -151,7 +151,7 @@ class RLLoop:
         flat_b, flat_o = np.concatenate(behaviour), np.concatenate(old)
         finite = np.isfinite(flat_b) & np.isfinite(flat_o)
         ratios = np.exp(flat_o[finite] - flat_b[finite])  # the tokens left out are counted below
-        floor = _floor_metrics(before.floor_processed, flat_o)
+        floor = _floor_metrics(before.twin_processed, flat_o)
         entropy = float(np.mean([h for row in before.entropy or [] for h in row]))
         clipped = self._optimize(completions, settings, behaviour, advantages)
         new = [np.asarray(x) for x in self.trainer.recompute(completions, settings).processed]
@@ -222,11 +222,11 @@ class RLLoop:
         shutil.rmtree(self.workdir / f"step{step}", ignore_errors=True)
 
 
-def _floor_metrics(floor: list[list[float]] | None, old: np.ndarray) -> dict[str, float]:
+def _floor_metrics(twin: list[list[float]] | None, old: np.ndarray) -> dict[str, float]:
     """Ratio mean, k3 and mean |log r| of the twin (engine precision) against the fp32 recompute."""
-    if floor is None:
+    if twin is None:
         return {}
-    low = np.concatenate([np.asarray(x, dtype=np.float64) for x in floor])
+    low = np.concatenate([np.asarray(x, dtype=np.float64) for x in twin])
     both = np.isfinite(low) & np.isfinite(old)
     log_r = old[both] - low[both]
     return {

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..compare import Comparison
 from ..errors import ParityError
-from ..results import publish
+from ..checks import publish
 from .causes import Cause
 
 
@@ -23,7 +23,7 @@ class Finding:
 
 
 @dataclass
-class LayerReport:
+class LayerResult:
     """Findings of one check plus the comparison they rest on; raises a :class:`ParityError`."""
 
     layer: str
@@ -42,14 +42,14 @@ class LayerReport:
     def message(self) -> str:
         lines = [f"[{self.layer}] {self.label}: {self.summary}"]
         lines += [f"  - {f.cause}: {f.message}" for f in self.findings]
-        lines.append(self.comparison.report(self.label))
-        lines += [c.report("also") for c in self.extra if not c.ok]
+        lines.append(self.comparison.explain(self.label))
+        lines += [c.explain("also") for c in self.extra if not c.ok]
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
         """Publish the check to the run's report, then raise if anything was found."""
         __tracebackhide__ = True
-        publish(self.comparison.entry(self.label, self.layer, self.findings), self.comparison)
+        publish(self.comparison.check_entry(self.label, self.layer, self.findings), self.comparison)
         if not self.ok:
             first = self.findings[0]
             raise ParityError(self.message(), layer=self.layer, cause=str(first.cause), headline=f"{self.label}: {first.message}")
