@@ -99,6 +99,28 @@ class Policy:
             )
 
     @property
+    def routers(self) -> list[tuple[str, torch.nn.Module]]:
+        """The mixture-of-experts routers of the model, by module name: modules with a ``top_k`` that return
+        ``(logits, weights, expert indices)`` (Qwen3-MoE, Mixtral, OLMoE, ... in transformers); empty for a
+        dense model."""
+        return [(name, m) for name, m in self.model.named_modules() if hasattr(m, "top_k") and name.endswith("gate")]
+
+    def expert_choices(self, sequence: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Per router, the experts it picks for each token of ``sequence`` (``[len, top_k]``, sorted)."""
+        picked: dict[str, torch.Tensor] = {}
+        hooks = [
+            module.register_forward_hook(lambda _m, _i, out, name=name: picked.__setitem__(name, out[-1].sort(dim=-1).values.cpu()))
+            for name, module in self.routers
+        ]
+        try:
+            with torch.no_grad():
+                self._forward(self._ids([list(sequence)]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return picked
+
+    @property
     def architecture(self) -> str:
         return ", ".join(getattr(self.model.config, "architectures", None) or [type(self.model).__name__])
 

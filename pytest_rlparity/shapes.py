@@ -89,7 +89,23 @@ FAMILY_SHAPES = {
         config=(("head_dim", 64),),
     ),
 }
+# Mixture of experts, Qwen3-MoE style: a router per layer picks the top-k of its experts for each token,
+# so the same token can take another path through the model in the engine and in the trainer.
+MOE_SHAPES = {
+    "tiny-qwen3-moe": Shape(
+        "qwen3_moe", 128, 2, 2, 1, 256, 512, tied=True, rope_theta=10_000.0, body_std=0.1, embed_std=0.15,
+        config=(("head_dim", 64), ("num_experts", 8), ("num_experts_per_tok", 2), ("moe_intermediate_size", 64),
+                ("decoder_sparse_step", 1), ("norm_topk_prob", True), ("mlp_only_layers", [])),
+    ),
+    # Qwen3-30B-A3B's layout (128 experts, 8 per token, q/k norm) at 1.2B parameters, for GPUs.
+    "qwen3-moe-1b": Shape(
+        "qwen3_moe", 1024, 12, 16, 4, 3072, 32_000, tied=True, rope_theta=1_000_000.0,
+        config=(("head_dim", 64), ("num_experts", 64), ("num_experts_per_tok", 8), ("moe_intermediate_size", 384),
+                ("decoder_sparse_step", 1), ("norm_topk_prob", True), ("mlp_only_layers", [])),
+    ),
+}
 SHAPES.update(FAMILY_SHAPES)
+SHAPES.update(MOE_SHAPES)
 
 
 def local_text(limit_bytes: int) -> Iterator[str]:

@@ -1,7 +1,8 @@
 """The stock suite on model families whose forward does more than ``lm_head(hidden)``, on real vLLM (CPU).
 
 Gemma2 soft-caps its final logits, Granite divides them, Cohere multiplies them, GPT-J adds a head bias,
-Qwen3 normalises queries and keys. A precision twin that applied the head itself was wrong by 0.08-67
+Qwen3 normalises queries and keys; Qwen3-MoE routes each token to 2 of 8 experts per layer, a path that
+can differ between engine and trainer. A precision twin that applied the head itself was wrong by 0.08-67
 nats on these shapes, and its floor-scaled bounds passed raw logprobs. Here each runs the semantic layer
 with a bf16 engine and an fp32 lm_head: clean passes, and ``logprobs_mode=raw_logprobs`` fails naming
 ``logprobs_mode`` far beyond its bounds.
@@ -13,7 +14,7 @@ import json
 
 import pytest
 
-from pytest_rlparity.shapes import FAMILY_SHAPES
+from pytest_rlparity.shapes import FAMILY_SHAPES, MOE_SHAPES
 
 from tests.conftest import run_pytest
 
@@ -22,21 +23,29 @@ FAULT_MARGIN = 3.0
 """The raw-logprobs fault must break its worst-hit bound by at least this much (measured: 33x to 30000x k3)."""
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILY_SHAPES), ids=lambda name: name.removeprefix("tiny-"))
+SHAPES = {**FAMILY_SHAPES, "tiny-qwen3-moe": MOE_SHAPES["tiny-qwen3-moe"]}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES), ids=lambda name: name.removeprefix("tiny-"))
 def family(request, tmp_path_factory):
     from pytest_rlparity.shapes import make_model
 
     name = request.param
-    return make_model(tmp_path_factory.mktemp(name) / name, FAMILY_SHAPES[name], dtype="float32", text_bytes=200_000)
+    return make_model(tmp_path_factory.mktemp(name) / name, SHAPES[name], dtype="float32", text_bytes=200_000)
+
+
+FP32 = ["--rlparity-engine-kwarg", "dtype=float32"]
+"""The mixture-of-experts shape's precision: in bf16 the reference refuses it (routing flips, below)."""
 
 
 def semantic_run(model, tmp_path, *extra):
     report = tmp_path / "report.json"
+    precision = FP32 if "moe" in model.name else BF16_FP32_HEAD
     result = run_pytest(
         "--rlparity", "-m", "semantic", f"--rlparity-model={model}", f"--rlparity-golden-dir={tmp_path / 'golden'}",
-        "--rlparity-update-goldens", f"--rlparity-report={report}", *BF16_FP32_HEAD, *extra,
+        "--rlparity-update-goldens", f"--rlparity-report={report}", *precision, *extra,
     )
-    return result, json.loads(report.read_text())
+    return result, json.loads(report.read_text()) if report.exists() else {}
 
 
 def worst_over_bound(check):
@@ -50,7 +59,7 @@ def test_the_stock_semantic_layer_passes_clean_and_fails_raw_logprobs(family, tm
     assert clean.returncode == 0, clean.stdout[-3000:]
     row = report["layers"]["semantic"]
     assert row["verdict"] == "ok" and row["skipped"] == 0, row  # EOS and stop cases forced, none skipped
-    assert report["run"]["dtype"] == "bfloat16"
+    assert report["run"]["dtype"] == ("float32" if "moe" in family.name else "bfloat16")
     raw, report = semantic_run(family, tmp_path / "raw", "--rlparity-engine-kwarg", "logprobs_mode=raw_logprobs",
                                "-k", "match_trainer and (temperature or top_k or penalties)")
     assert raw.returncode == 1, raw.stdout[-3000:]
@@ -58,3 +67,17 @@ def test_the_stock_semantic_layer_passes_clean_and_fails_raw_logprobs(family, tm
     assert len(failed) == 3 and {t["cause"] for t in failed} == {"logprobs_mode"}, [(t["nodeid"], t["cause"]) for t in failed]
     margins = [worst_over_bound(c) for t in failed for c in t["checks"] if c.get("kind") == "comparison" and c["verdict"] == "fail"]
     assert margins and min(margins) >= FAULT_MARGIN, margins
+
+
+def test_a_bf16_mixture_of_experts_is_refused_with_its_routing_flips(tmp_path_factory, no_leaked_engines):
+    """The bf16 twin of the MoE shape routes some tokens to other experts than fp32 does, and a flipped route moves
+    logprobs by nats (its floor's max |Δ| reached 3.3 against the 2.0 reduced precision explains): no verdict,
+    one reason, before any engine starts."""
+    from pytest_rlparity.shapes import make_model
+
+    model = make_model(tmp_path_factory.mktemp("moe") / "tiny-qwen3-moe", SHAPES["tiny-qwen3-moe"], dtype="float32", text_bytes=200_000)
+    result = run_pytest("--rlparity", "-m", "semantic", f"--rlparity-model={model}", "-k", "greedy or teacher", *BF16_FP32_HEAD)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "ReferenceCheckError: Qwen3MoeForCausalLM routes each token to experts" in result.stdout
+    assert "token-router decisions" in result.stdout and "routing replay" in result.stdout
+    assert "engine starts:" not in result.stdout

@@ -8,13 +8,17 @@ requests in flight across an update, through vLLM's pause modes).
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
 from pytest_rlparity.engines.hf import HFEngine
 from pytest_rlparity.errors import EngineError, ParityError
 from pytest_rlparity.layers.causes import BATCH_COMPOSITION
-from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, compare_paths, summarize
+from pytest_rlparity.compare import compare_logprobs
+from pytest_rlparity.layers import weight_updates
+from pytest_rlparity.layers.inference_path import compare_paths, path_result
+from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, check_update_series, summarize
 from pytest_rlparity.settings import SamplingSettings, Tolerance
 from pytest_rlparity.trainer.recompute import Trainer
 
@@ -147,6 +151,25 @@ def test_summarize_groups_whole_layers():
     assert summarize(names) == "model.layers.1.* (2 tensors), lm_head.weight"
 
 
+def test_a_mismatch_that_grows_across_updates_fails_though_each_update_passes(monkeypatch):
+    """Each update within its bound, the mismatch growing from a tenth of it to nine tenths: drift, named."""
+    offsets = iter([1e-6 * k * k for k in range(1, 9)])  # mean |Δ| 1e-6 .. 6.4e-5 against a bound of 7e-5
+
+    def after_update(engine, trainer, history, prompts, settings, tolerance, *, version):
+        offset = next(offsets)
+        return path_result(f"after weight update v{version}", compare_logprobs([[-1.0 + offset] * 8], [[-1.0] * 8], tolerance))
+
+    monkeypatch.setattr(weight_updates, "check_after_update", after_update)
+    tolerance = Tolerance(max_abs=1e-3, mean_abs=7e-5, mean_offset=1e-3, k3_kl=1e-3, prob_diff_mean=1e-3)
+    state = SimpleNamespace(state=dict)
+    result = check_update_series(None, state, lambda step: None, [[1, 2]], GREEDY, tolerance)
+    assert causes(result) == ["mismatch grows across updates"], result.message()
+    assert "over the last (more than 2x, and over 0.5)" in result.findings[0].message
+    flat = iter([3e-5] * 8)
+    monkeypatch.setattr(weight_updates, "check_after_update", lambda *a, version, **k: path_result("v", compare_logprobs([[-1.0 + next(flat)] * 8], [[-1.0] * 8], tolerance)))
+    assert check_update_series(None, state, lambda step: None, [[1, 2]], GREEDY, tolerance).ok
+
+
 @pytest.mark.xdist_group("fault-engine")  # one worker starts the class's engine once
 class TestOnVLLM:
     """The faults that only a real engine has."""
@@ -190,6 +213,20 @@ class TestOnVLLM:
         report = check_after_update(base, policy, history, long_prompts, GREEDY, Tolerance())
         assert causes(report) == ["stale prefix cache"], report.message()
         assert "reused KV computed before update v1" in report.findings[0].message
+
+    @pytest.mark.parametrize("reset", [True, False], ids=["clean", "cache-never-reset"])
+    def test_updates_in_a_row_pass_clean_and_a_cache_never_reset_is_named(self, base, policy, long_prompts, prompts, tmp_path, reset):
+        def push(step_number):
+            base.update_weights(step(policy, prompts, tmp_path, []))
+            if reset:
+                base.reset_prefix_cache()
+
+        result = check_update_series(base, policy, push, long_prompts, GREEDY, Tolerance(), steps=8 if reset else 3)
+        if reset:
+            assert result.ok, result.message()
+        else:
+            assert causes(result) == ["stale prefix cache"], result.message()
+            assert "(2 of 3 updates in a row)" in result.message()  # the first update's checks filled the cache
 
     @pytest.mark.parametrize("skip", ["model.layers.1.", "tp0:model.layers.1."])
     def test_partial_reload_is_named(self, base, policy, prompts, tmp_path, skip):

@@ -184,27 +184,13 @@ def test_kwarg_values_parse_as_json_when_they_parse():
     assert parse_kwarg("logprobs_mode=processed_logprobs") == ("logprobs_mode", "processed_logprobs")
 
 
-def test_custom_parity_test_with_the_reference_engine(pytester):
-    """The README's custom-test example runs as written (on the transformers engine, for speed)."""
-    pytester.makepyfile(
-        """
-        import pytest
-        from pytest_rlparity import SamplingSettings, assert_logprobs_close
+def test_the_readme_parity_test_runs_as_written(pytester):
+    """The README's own parity test, read from the README and run (on the transformers engine, for speed)."""
+    from pathlib import Path
 
-        @pytest.mark.semantic
-        def test_my_sampling_settings(rlparity_engine, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
-            settings = SamplingSettings(temperature=0.6, top_p=0.9, max_tokens=8)
-            completions = rlparity_engine.generate(rlparity_prompts, settings)
-            recomputed = rlparity_trainer.recompute(completions, settings)
-            assert_logprobs_close(
-                [c.logprobs for c in completions],
-                recomputed.processed,
-                rlparity_tolerance,
-                token_ids=[c.token_ids for c in completions],
-                decode=rlparity_trainer.tokenizer.decode,
-            )
-        """
-    )
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("## A parity test of your own", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    pytester.makepyfile(example)
     result = pytester.runpytest("--rlparity", "--rlparity-engine", "hf", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 

@@ -151,7 +151,7 @@ def test_weight_checksums_witness_an_update_and_name_the_rank_of_a_partial_one(s
 def test_an_attached_server_passes_the_semantic_layer_and_stays_up(server):
     result = run_pytest("--rlparity", "--rlparity-engine", "vllm-server", f"--rlparity-server-url={server.url}", "-m", "semantic")
     assert result.returncode == 0, result.stdout[-6000:]
-    assert "rlparity: engine vllm-server" in result.stdout and "15 passed" in result.stdout
+    assert "rlparity: engine vllm-server" in result.stdout and "16 passed" in result.stdout
     assert "engine starts: 1" in result.stdout
     assert "RL frameworks' own mismatch metrics" in result.stdout and "token_mult_prob_error" in result.stdout
     assert server.generate([[1, 5, 9]], SamplingSettings(max_tokens=2))[0].token_ids

@@ -57,4 +57,4 @@ def test_a_worker_ends_after_its_exit_handlers_without_the_interpreters_teardown
 
 def test_an_unknown_worker_exit_is_refused(tmp_path):
     result = run_pytest("--rlparity", "-o", "rlparity_worker_exit=quick", cwd=tmp_path)
-    assert result.returncode == 4 and "rlparity_worker_exit 'quick': choose one of fast, full" in result.stderr
+    assert result.returncode == 4 and "ini key rlparity_worker_exit: 'quick' is not one of fast, full" in result.stderr

@@ -55,6 +55,8 @@ TOKEN_IDS = Cause("token ids round-trip", SEMANTIC, "send prompts as token ids a
 JSON_MINUS_INF = Cause("JSON -9999 logprob", SEMANTIC, "read -9999.0 in vLLM's JSON as -inf (probability 0)")
 PRECISION = Cause("logprob precision", SEMANTIC, "serialize logprobs at full float precision (no fixed decimals)")
 ALTERNATIVES_BY_TEXT = Cause("alternatives keyed by text", SEMANTIC, "ask for alternatives keyed by token id (vLLM's server: return_tokens_as_token_ids=true)")
+RERENDERED_HISTORY = Cause("re-rendered history", SEMANTIC, "append earlier turns as the ids the engine sampled; never decode and re-tokenize them or re-apply the chat template to them")
+LOSS_MASK = Cause("loss mask", SEMANTIC, "mask exactly the tokens the engine sampled: not prompt or template tokens, not shifted by one")
 FINISH = Cause("finish handling", SEMANTIC, "score the EOS/stop token the engine sampled; strip stop strings from text only")
 LOGPROB_VALUES = Cause("logprob values", SEMANTIC, "check the trainer's sampling settings, dtype and lm_head precision against the engine's")
 BEYOND_FLOOR = Cause("beyond the precision floor", ANY_LAYER, "the model's own bf16 noise does not explain this: compare the engine's kernels, lm_head dtype and weights with an fp32 run")
@@ -77,6 +79,7 @@ KV_BEFORE_UPDATE = Cause("KV from before the update", PATH, "pause with clear_ca
 PAUSE_ABORT = Cause("pause mode abort", PATH, "treat requests aborted at a pause as unfinished: resubmit prompt + tokens so far after the update")
 PAUSE_WAIT = Cause("pause mode wait", PATH, "a 'wait' pause must let running requests finish before the weights change: check the pause call")
 PAUSE_KEEP = Cause("pause mode keep", PATH, "give the requests more max_tokens (and ignore_eos) so that they are still running at the pause; over HTTP send the mode in the query string")
+DRIFT = Cause("mismatch grows across updates", PATH, "look for state the update path leaves behind from step to step: a prefix cache never reset, a tensor never pushed, KV kept across a pause")
 VERSION_LABELS = Cause("weight version labels", PATH, "label new weights (set_weight_version) while paused, after the update and before resuming")
 
 # Objective: the RL loop's health once the layers below are clean.

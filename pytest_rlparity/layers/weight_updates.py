@@ -45,21 +45,23 @@ def check_after_update(
     tolerance: Tolerance,
     *,
     checksums: tuple[dict[str, str], dict[str, str]] | None = None,
+    version: int | None = None,
 ) -> LayerResult:
-    """After weight update ``len(history) - 1``, the engine must match the trainer's latest weights.
+    """After a weight update, the engine must match the trainer's latest weights.
 
-    ``history`` holds the trainer's weights per version, oldest first; the trainer holds
-    the last. On a mismatch the report says which weights the engine is really using.
-    ``checksums``: the engine's per-parameter checksums before and after the update
+    ``history`` holds the trainer's weights per version, oldest first (the last two are enough);
+    the trainer holds the last. On a mismatch the result says which weights the engine is really
+    using. ``checksums``: the engine's per-parameter checksums before and after the update
     (``weight_checksums()``), a second witness that names the rank and tensors an update missed.
+    ``version``: the update's number in messages (default ``len(history) - 1``).
     """
-    version = len(history) - 1
+    version = len(history) - 1 if version is None else version
     completions = engine.generate(prompts, settings)
     fit = _Fit(trainer, completions, settings, tolerance)
     current = fit.compare(history[-1])
     label = f"after weight update v{version}"
     result = path_result(label, current)
-    if checksums is not None and version >= 1:
+    if checksums is not None and len(history) >= 2:
         result.findings += weights_witness(*checksums, history[-2], history[-1])
     if current.ok:
         return result
@@ -77,7 +79,7 @@ def check_after_update(
                 )
             )
             return result
-    if version >= 1 and fit.compare(history[-2]).ok:
+    if len(history) >= 2 and fit.compare(history[-2]).ok:
         result.findings.append(
             Finding(
                 causes.STALE_WEIGHTS,
@@ -87,7 +89,7 @@ def check_after_update(
             )
         )
         return result
-    if version >= 1 and trainer.tied:
+    if len(history) >= 2 and trainer.tied:
         with trainer.head_from(history[-2]):
             kept_head = fit.compare(history[-1]).ok
         if kept_head:
@@ -102,7 +104,7 @@ def check_after_update(
                 )
             )
             return result
-    if version >= 1:
+    if len(history) >= 2:
         changed, old, mixed = fit.locate(history[-2], history[-1])
         if mixed.ok:
             arrived = [n for n in changed if n not in old]
@@ -125,6 +127,76 @@ def check_after_update(
         )
     )
     return result
+
+
+SERIES_STEPS = 8
+"""Updates in a row in :func:`check_update_series`: enough for a trend over thirds of the run."""
+GROWTH = 2.0
+"""The most the mismatch may grow over a series (its mean over the last third of the updates against
+the first third) once it uses :data:`GROWTH_FLOOR` of its bound or more."""
+GROWTH_FLOOR = 0.5
+"""Below this share of its bound, a mismatch that grows is noise around a small value, not drift."""
+
+
+def check_update_series(
+    engine: Any,
+    trainer: Trainer,
+    push: Callable[[int], None],
+    prompts: Sequence[Sequence[int]],
+    settings: SamplingSettings,
+    tolerance: Tolerance,
+    *,
+    steps: int = SERIES_STEPS,
+) -> LayerResult:
+    """``steps`` weight updates in a row, as a training run pushes them, with the mismatch recorded after each.
+
+    ``push(step)`` takes one real optimizer step and pushes the weights into the engine, the prefix
+    cache handled as the trainer under test handles it; ``prompts`` share a prefix, so the cache is
+    warm at every step. After each update the engine must match the trainer (:func:`check_after_update`,
+    which names a stale prefix cache, stale weights or a partial update), and across the series the
+    mismatch must not grow: the mean |Δ| as a share of its bound, averaged over the last third of the
+    updates, may exceed :data:`GROWTH` times that over the first third only while it stays below
+    :data:`GROWTH_FLOOR` (mismatch growing over 17 updates is how stale state shows in long runs)."""
+    previous = trainer.state()
+    usage: list[float] = []
+    result: LayerResult | None = None
+    for step in range(1, steps + 1):
+        push(step)
+        current = trainer.state()
+        result = check_after_update(engine, trainer, [previous, current], prompts, settings, tolerance, version=step)
+        usage.append(bound_usage(result.comparison))
+        if not result.ok:
+            result.label += f" ({step} of {steps} updates in a row)"
+            break
+        previous = current
+    assert result is not None, "steps must be at least 1"
+    early, late = thirds(usage)
+    entry = {"kind": "series", "label": f"{steps} updates in a row", "layer": LAYER, "usage": usage, "early": early, "late": late}
+    if result.ok and late > GROWTH_FLOOR and late > GROWTH * early:
+        result.label = f"{steps} updates in a row"
+        result.findings.append(
+            Finding(
+                causes.DRIFT,
+                f"the mismatch grows across updates: mean |Δ| used {early:.2g} of its bound over the first third of "
+                f"{steps} updates and {late:.2g} over the last (more than {GROWTH:g}x, and over {GROWTH_FLOOR:g}); per "
+                f"update: {', '.join(f'{u:.2g}' for u in usage)}",
+            )
+        )
+    publish({**entry, "verdict": "pass" if result.ok else "fail"})
+    return result
+
+
+def bound_usage(comparison: Comparison) -> float:
+    """The mean |Δ| of a comparison as a share of its bound (inf for an empty or non-finite comparison)."""
+    bound = comparison.tolerance.mean_abs
+    value = comparison.stats.get("mean_abs", float("nan"))
+    return value / bound if bound and value == value else float("inf")
+
+
+def thirds(values: Sequence[float]) -> tuple[float, float]:
+    """The means of the first and the last third of ``values`` (one value each at least)."""
+    k = max(1, len(values) // 3)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
 def check_update_in_flight(

@@ -9,6 +9,8 @@ after a real optimizer step, also while requests are running (pause modes keep, 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from pytest_rlparity.compare import compare_logprobs, precision_floor
@@ -17,7 +19,7 @@ from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
 from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
 from pytest_rlparity.layers import causes
 from pytest_rlparity.layers.inference_path import compare_paths, same_tokens
-from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, visible_step
+from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, check_update_series, visible_step
 from pytest_rlparity.scheduling import SESSION_ENGINE_GROUP
 from pytest_rlparity.settings import SamplingSettings
 from pytest_rlparity.suite import CHUNK, RL_ENGINE, UPDATE_ENGINE
@@ -290,6 +292,28 @@ def test_prefix_cache_is_reset_across_updates(fresh_path_engine, policy, long_pr
     fresh_path_engine.reset_prefix_cache()
     history.append(trainer.state())
     check_after_update(fresh_path_engine, trainer, history, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
+
+
+@ON_PATH_ENGINE
+def test_mismatch_does_not_grow_across_updates(fresh_path_engine, policy, long_prompts, rlparity_prompts, rlparity_tolerance, tmp_path):
+    """Eight updates in a row, as a training run pushes them, the prefix cache warm at each (the prompts share
+    a prefix): after each the engine matches the trainer, and the mismatch does not grow across them."""
+    trainer, base = policy
+    trainer.load_state(base)
+    sequences = [p + p[1:] for p in rlparity_prompts]
+    lr = 0.0
+
+    def push(step):
+        nonlocal lr
+        if step == 1:  # sized once to be visible and safe, then kept, as a training run keeps its rate
+            lr = visible_step(trainer, sequences, rlparity_prompts, rlparity_tolerance)["lr"]
+        else:
+            trainer.sft_step(sequences, lr=lr)
+        fresh_path_engine.update_weights(trainer.save(tmp_path / f"v{step}"))
+        shutil.rmtree(tmp_path / f"v{step - 1}", ignore_errors=True)  # a real model's checkpoints add up
+        fresh_path_engine.reset_prefix_cache()
+
+    check_update_series(fresh_path_engine, trainer, push, long_prompts, GREEDY, rlparity_tolerance).raise_if_failed()
 
 
 @ON_IN_FLIGHT_ENGINE

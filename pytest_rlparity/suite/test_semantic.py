@@ -3,7 +3,8 @@
 Each case samples the built-in prompts with one sampling configuration, recomputes the
 sampled tokens' logprobs in the tiny trainer under the processed distribution, and
 compares. The grid covers every knob that changes the processed distribution, because
-raw and processed logprobs only differ where one of them is on.
+raw and processed logprobs only differ where one of them is on. A multi-turn conversation checks the
+ids and loss mask a trainer builds from several engine calls.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import pytest
 
 from pytest_rlparity.golden import Snapshot, snapshot_from
+from pytest_rlparity.layers.conversation import check_conversation, converse
 from pytest_rlparity.layers.semantic import check_completions, check_scores
 from pytest_rlparity.model import CORPUS, non_canonical_prompts
 from pytest_rlparity.scheduling import SESSION_ENGINE_GROUP
@@ -189,3 +191,21 @@ def test_prompt_token_ids_reach_the_engine_unchanged(rlparity_session, rlparity_
     completions = rlparity_engine.generate(prompts, settings)
     recompute = rlparity_trainer.recompute(completions, settings)
     check_completions(completions, recompute, settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer).raise_if_failed()
+
+
+def test_multi_turn_conversation_matches_trainer(rlparity_session, rlparity_engine, rlparity_trainer, rlparity_tolerance):
+    """Three user turns and the model's answers, kept as RL stacks must keep them (every turn appended as ids):
+    each prompt the engine gets is the conversation's own prefix, every sampled token carries its logprob (the
+    stop token that ends a turn included), and the trainer's one forward over the whole conversation, masked
+    to the sampled tokens, gives the engine's logprobs (:mod:`pytest_rlparity.layers.conversation`)."""
+    tokenizer = rlparity_trainer.tokenizer
+    turns = [tokenizer(CORPUS[0]).input_ids, *(tokenizer(" " + s, add_special_tokens=False).input_ids[:8] for s in CORPUS[1:3])]
+    plain = rlparity_session.seeded(SamplingSettings(temperature=1.0, max_tokens=12, seed=0))
+    first = converse(rlparity_engine, turns[:1], plain)
+    sampled = first.ids[len(turns[0]) : -1] or first.ids[len(turns[0]) :]
+    stop = collections.Counter(sampled).most_common(1)[0][0]  # sampled in the first turn: it ends that turn
+    conversation = converse(rlparity_engine, turns, dataclasses.replace(plain, stop_token_ids=(stop,)))
+    assert any(reason == "stop" for _, reason in conversation.ends), (
+        f"no model turn ended by its stop token {stop}: this check did not exercise a stop token's logprob ({conversation.ends})"
+    )
+    check_conversation(conversation, rlparity_trainer, rlparity_tolerance).raise_if_failed()
