@@ -15,7 +15,7 @@ import pytest
 from .golden import Snapshot
 from .layers import CUSTOM, layer_of
 from .numerics import numerics_for
-from .scheduling import xdist_group_of
+from .scheduling import without_group
 from .session import RLParitySession
 from .settings import Tolerance
 
@@ -141,8 +141,7 @@ class GoldenCheck:
     def nodeid(self) -> str:
         """The test's node id as a command line selects it: without the ``@group`` that pytest-xdist's
         ``--dist loadgroup`` appends."""
-        group = xdist_group_of(self.node)
-        return self.node.nodeid.removesuffix(f"@{group}") if group else self.node.nodeid
+        return without_group(self.node.nodeid)
 
 
 @pytest.fixture

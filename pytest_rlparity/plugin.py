@@ -33,7 +33,7 @@ from .fixtures import (  # noqa: F401  (fixtures are registered by being importe
 )
 from .layers import CUSTOM, LAYER_DOC, LAYERS, causes, layer_of
 from .record import Outcome, RunRecord
-from .scheduling import auto_workers, engine_group_scheduling, group_session_engine_tests, keep_xdist_groups
+from .scheduling import auto_workers, engine_group_scheduling, group_session_engine_tests, keep_xdist_groups, without_group
 from .session import RLParitySession
 
 CAUSE_KEY = "rlparity_cause"
@@ -191,7 +191,7 @@ class OutcomeRecorder:
         self.spent[report.nodeid] = self.spent.get(report.nodeid, 0.0) + report.duration
         self.began.setdefault(report.nodeid, _rounded(getattr(report, "start", None)))
         if report.when == "teardown":
-            recorded = next((o for o in reversed(self.record.outcomes) if o.nodeid == report.nodeid), None)
+            recorded = next((o for o in reversed(self.record.outcomes) if o.nodeid == without_group(report.nodeid)), None)
             if recorded is not None:
                 recorded.duration = self.spent[report.nodeid]
                 recorded.ended = _rounded(getattr(report, "stop", None))
@@ -203,7 +203,7 @@ class OutcomeRecorder:
         props = dict(report.user_properties)
         self.record.outcomes.append(
             Outcome(
-                report.nodeid,
+                without_group(report.nodeid),
                 layer or CUSTOM,
                 report.outcome,
                 props.get(CAUSE_KEY),

@@ -22,6 +22,7 @@ back into the node id where the schedulers read it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,12 @@ def xdist_group_of(item: pytest.Item) -> str | None:
     """The test's xdist group as pytest-xdist names it: its ``xdist_group`` names, sorted, joined by ``_``."""
     names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
     return "_".join(sorted(names)) if names else None
+
+
+def without_group(nodeid: str) -> str:
+    """A node id as a command line selects it: without the ``@group`` that ``--dist loadgroup`` appends
+    (a parametrized id ends in ``]``, so an ``@`` inside its brackets is kept)."""
+    return re.sub(r"@[\w.\-]+$", "", nodeid)
 
 
 def group_session_engine_tests(item: pytest.Item) -> None:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_rlparity.scheduling import auto_workers, engine_group_scheduling
+from pytest_rlparity.scheduling import auto_workers, engine_group_scheduling, without_group
 from pytest_rlparity.suite import LONGEST_FIRST
 
 pytest.importorskip("xdist")
@@ -141,3 +141,9 @@ def test_auto_workers_follow_the_measurements_and_never_exceed_the_cores():
     assert auto_workers("cpu") == min(2, cores)
     assert auto_workers("cuda") == min(5, cores)
     assert auto_workers("unknown") == 1
+
+
+def test_a_node_id_loses_its_group_suffix_and_keeps_an_at_sign_of_its_own():
+    assert without_group("t.py::test_x[a]@session-engine") == "t.py::test_x[a]"
+    assert without_group("t.py::test_x[a@b]") == "t.py::test_x[a@b]"
+    assert without_group("t.py::test_y") == "t.py::test_y"
