@@ -73,7 +73,11 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     (:data:`pytest_rlparity.scheduling.AUTO_WORKERS`); without ``--rlparity``, pytest-xdist's own."""
     if not config.getoption("rlparity"):
         return None
-    return auto_workers(registry.engine_class(config.getoption("rlparity_engine") or "vllm").installed().device)
+    try:
+        engine = registry.engine_class(config.getoption("rlparity_engine") or rlconfig.SPEC["engine"].default)
+    except EngineError:
+        return None  # configure names the unknown engine as a usage error
+    return auto_workers(engine.installed().device)
 
 
 def pytest_configure(config: pytest.Config) -> None:

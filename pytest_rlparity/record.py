@@ -130,8 +130,10 @@ class RunRecord:
             return []
         worst = []
         for stat in ("mean_abs", "k3_kl", "mean_offset"):
-            name, check = max(scaled, key=lambda nc: nc[1]["floor_ratios"].get(stat, 0.0))
-            worst.append(f"{stat} {check['floor_ratios'].get(stat, 0.0):.2f}x (bound {check['floor_factors'].get(stat, 0):g}x, {name})")
+            bounded = [(name, check) for name, check in scaled if stat in check["floor_factors"]]
+            if bounded:
+                name, check = max(bounded, key=lambda nc: nc[1]["floor_ratios"].get(stat, 0.0))
+                worst.append(f"{stat} {check['floor_ratios'].get(stat, 0.0):.2f}x (bound {check['floor_factors'][stat]:g}x, {name})")
         return [f"precision floor: {len(scaled)} comparisons scaled to the model's own reduced-precision noise; worst " + "; ".join(worst)]
 
     def failures_below(self, layer: str) -> list[str]:

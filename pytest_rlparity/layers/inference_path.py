@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..compare import Comparison, compare_logprobs
-from ..settings import Tolerance
+from ..settings import Tolerance, floor_scale
+from . import causes
 from .causes import Cause
 from .result import Finding, LayerResult
 
@@ -66,3 +67,35 @@ def same_tokens(first: Sequence[Completion], second: Sequence[Completion], *, la
             )
             return result
     return None
+
+
+def check_budget(
+    engine: Sequence[Sequence[float]],
+    trainer: Sequence[Sequence[float]],
+    twin: Sequence[Sequence[float]],
+    budget: float,
+    *,
+    label: str,
+    token_ids: Sequence[Sequence[int]] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+) -> LayerResult:
+    """A reduced-precision path that costs precision by design (an fp8 KV cache): its mismatch against the
+    fp32 trainer as a multiple of the bf16 precision floor (``twin``: the trainer in bf16), judged against
+    ``budget`` times that floor's mean |Δ|; the ratios of the other statistics are reported beside it."""
+    tolerance = Tolerance(max_abs=None, mean_abs=None, mean_offset=None, k3_kl=None, prob_diff_mean=None,
+                          floor_factors={"mean_abs": budget, "out_of_support": budget})
+    comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, twin=twin, sampled=True)
+    floor = comparison.floor or {}
+    ratios = {s: abs(comparison.stats.get(s, 0.0)) / floor_scale(s, floor) for s in ("mean_abs", "k3_kl", "mean_offset") if floor_scale(s, floor) > 0}
+    result = path_result(label, comparison)
+    result.summary = "the path costs more than its budget"
+    if not comparison.ok:
+        result.findings.append(
+            Finding(
+                causes.FP8_BUDGET,
+                f"mean |Δ| {ratios.get('mean_abs', float('nan')):.2g}x the bf16 floor against a budget of {budget:g}x "
+                f"(k3 {ratios.get('k3_kl', float('nan')):.2g}x, mean offset {ratios.get('mean_offset', float('nan')):.2g}x)",
+            )
+        )
+    return result
+

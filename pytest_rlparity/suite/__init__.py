@@ -33,6 +33,7 @@ LONGEST_FIRST = (
     "runtime-mode-engines",
     SESSION_ENGINE_GROUP,
     "chunked-prefill-engine",
+    "fp8-engine",
     "transfer-engines",
     "batch-invariant-engines",
 )
