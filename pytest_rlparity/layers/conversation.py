@@ -65,10 +65,12 @@ def converse(engine: Any, user_turns: Sequence[Sequence[int]], settings: Samplin
 
     ``render`` builds each prompt from the conversation so far; the default appends ids, as RL stacks
     must. A stack's own rendering (a chat template over decoded history) goes here to be checked."""
-    if settings.temperature != 1.0 or settings.top_k or settings.top_p not in (None, 1.0) or settings.min_p:
+    plain = SamplingSettings(max_tokens=settings.max_tokens, seed=settings.seed, stop=settings.stop,
+                             stop_token_ids=settings.stop_token_ids, ignore_eos=settings.ignore_eos, top_logprobs=settings.top_logprobs)
+    if settings != plain:
         raise ValueError(
             "a conversation is judged against the trainer's plain softmax over the whole sequence: sample it "
-            f"with temperature 1 and no top-k/top-p/min-p (got {settings.label()})"
+            f"with temperature 1 and no top-k/top-p/min-p or penalties (got {settings.label()})"
         )
     conversation = Conversation()
     turns: list[list[int]] = []
@@ -120,7 +122,7 @@ def check_conversation(
                 + ": the trainer's logprobs there belong to other tokens than the engine's",
             )
         )
-    positions = [p for p, m in enumerate(mask) if m and p >= 1]
+    positions = [p for p in range(1, len(conversation.ids)) if p < len(mask) and mask[p]]
     scores = trainer.score([conversation.ids])[0]  # scores[p - 1] is the logprob of ids[p]
     twin = trainer.score_twin([conversation.ids])
     engine = [[conversation.logprobs.get(p, float("nan")) for p in positions]]

@@ -157,9 +157,11 @@ def check_update_series(
     mismatch must not grow: the mean |Δ| as a share of its bound, averaged over the last third of the
     updates, may exceed :data:`GROWTH` times that over the first third only while it stays below
     :data:`GROWTH_FLOOR` (mismatch growing over 17 updates is how stale state shows in long runs)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: a series needs at least one update")
     previous = trainer.state()
     usage: list[float] = []
-    result: LayerResult | None = None
+    result = LayerResult(LAYER, "no update", Comparison({}, tolerance))  # replaced by the first update's
     for step in range(1, steps + 1):
         push(step)
         current = trainer.state()
@@ -169,7 +171,6 @@ def check_update_series(
             result.label += f" ({step} of {steps} updates in a row)"
             break
         previous = current
-    assert result is not None, "steps must be at least 1"
     early, late = thirds(usage)
     entry = {"kind": "series", "label": f"{steps} updates in a row", "layer": LAYER, "usage": usage, "early": early, "late": late}
     if result.ok and late > GROWTH_FLOOR and late > GROWTH * early:
