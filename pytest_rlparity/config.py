@@ -44,7 +44,8 @@ class Spec:
 
     @property
     def flag_name(self) -> str:
-        """``--rlparity-engine-core``; ``--rlparity`` itself for ``enabled``; one kwarg a flag for ``engine_kwargs``."""
+        """``--rlparity-engine-core``; ``--rlparity`` itself for ``enabled``; ``--rlparity-engine-kwarg`` (one kwarg
+        per flag) for ``engine_kwargs``."""
         named = {"enabled": "", "engine_kwargs": "-engine-kwarg"}.get(self.name, "-" + self.name.replace("_", "-"))
         return "--rlparity" + named
 

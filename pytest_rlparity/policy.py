@@ -106,10 +106,10 @@ class Policy:
         return [(name, m) for name, m in self.model.named_modules() if hasattr(m, "top_k") and name.endswith("gate")]
 
     def expert_choices(self, sequence: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Per router, the experts it picks for each token of ``sequence`` (``[len, top_k]``, sorted)."""
+        """Per router, the experts it picks for each token of ``sequence`` (``[len, top_k]``, in its own order)."""
         picked: dict[str, torch.Tensor] = {}
         hooks = [
-            module.register_forward_hook(lambda _m, _i, out, name=name: picked.__setitem__(name, out[-1].sort(dim=-1).values.cpu()))
+            module.register_forward_hook(lambda _m, _i, out, name=name: picked.__setitem__(name, out[-1].cpu()))
             for name, module in self.routers
         ]
         try:
@@ -119,6 +119,27 @@ class Policy:
             for hook in hooks:
                 hook.remove()
         return picked
+
+    @contextlib.contextmanager
+    def routes_from(self, choices: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Within the block every router picks the experts in ``choices`` (per router, ``[tokens, top_k]``, as
+        :meth:`expert_choices` gives them for the same sequence) instead of its own, weighted by its own
+        probabilities of them: routing replay, as RL stacks force the trainer onto the engine's routes."""
+
+        def replay(module: torch.nn.Module, _inputs: Any, out: Any, name: str) -> Any:
+            logits = out[0]
+            picked = choices[name][: logits.shape[0]].to(logits.device)  # a prefix routes as in the whole sequence
+            weights = torch.softmax(logits.float(), dim=-1).gather(-1, picked)
+            if getattr(module, "norm_topk_prob", False):
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return (logits, weights.to(out[1].dtype), picked)
+
+        hooks = [module.register_forward_hook(lambda m, i, o, name=name: replay(m, i, o, name)) for name, module in self.routers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     @property
     def architecture(self) -> str:

@@ -123,7 +123,8 @@ class StartOptions:
     start_timeout: float = START_TIMEOUT_S
     request_timeout: float = REQUEST_TIMEOUT_S
     engine_core: str = "process"
-    """Where a vLLM engine core runs (engines with :data:`ENGINE_CORE`): one of :data:`ENGINE_CORES`."""
+    """Where a vLLM engine core runs (engines with :data:`ENGINE_CORE`): one of :data:`ENGINE_CORES`. An engine
+    started on its own gets a process of its own; the session passes ``--rlparity-engine-core``."""
     url: str | None = None
     """A running server to attach to instead of starting one (served engines)."""
 

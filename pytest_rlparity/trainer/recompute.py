@@ -123,28 +123,37 @@ class Trainer(Policy):
         """A mixture-of-experts model in reduced precision routes some tokens to other experts than in fp32, and
         each such flip moves their logprobs by nats, not by rounding: no precision floor bounds it. Judging it
         needs the engine's own routes replayed in the trainer (routing replay), which this suite does not do
-        yet; so it refuses with the numbers, and an fp32 engine, which routes as the trainer does, is judged."""
+        yet; so it refuses with the numbers (the twin's flips, and its floor with and without the fp32 routes
+        replayed), and an fp32 engine, which routes as the trainer does, is judged."""
+        from ..compare import precision_floor
         from ..errors import ReferenceCheckError
 
         if not self.routers:
             return
         decisions = flipped = 0
         per_router: dict[str, float] = {}
+        replayed = []
         for seq in sequences:
             ours, theirs = self.expert_choices(seq), twin.expert_choices(seq)
             for name, picked in ours.items():
-                differ = (picked != theirs[name]).any(dim=-1)
+                differ = (picked.sort(dim=-1).values != theirs[name].sort(dim=-1).values).any(dim=-1)
                 decisions += differ.numel()
                 flipped += int(differ.sum())
                 per_router[name] = max(per_router.get(name, 0.0), float(differ.float().mean()))
+            with twin.routes_from(ours):
+                replayed.append(twin.score([seq])[0])
+        full = self.score(sequences)
+        own, shared = precision_floor(twin.score(sequences), full), precision_floor(replayed, full)
         worst = max(per_router, key=per_router.__getitem__)
         raise ReferenceCheckError(
             f"{self.architecture} routes each token to experts: its precision twin ({twin.dtype}) picks other experts "
             f"than the fp32 trainer for {flipped} of {decisions} token-router decisions ({per_router[worst]:.1%} in {worst}) "
             f"on {len(sequences)} fixed sequences, and a flipped route moves a token's logprobs by nats, which no "
-            "precision floor bounds. A reduced-precision mixture-of-experts engine is judged only with the engine's "
-            "routes replayed in the trainer (routing replay), which pytest-rlparity does not do yet: run this model "
-            "with an fp32 engine (--rlparity-engine-kwarg dtype=float32), where engine and trainer route alike"
+            f"precision floor bounds: the twin's floor is max |Δ| {own['max_abs']:.3g}, mean {own['mean_abs']:.3g} on its own "
+            f"routes and {shared['max_abs']:.3g}, {shared['mean_abs']:.3g} with the fp32 routes replayed. A reduced-precision "
+            "mixture-of-experts engine is judged only with the engine's routes replayed in the trainer (routing replay), "
+            "which pytest-rlparity does not do yet: run this model with an fp32 engine (--rlparity-engine-kwarg "
+            "dtype=float32), where engine and trainer route alike"
         )
 
     def sft_step(self, sequences: Sequence[Sequence[int]], lr: float = 1e-2) -> float:
