@@ -34,15 +34,7 @@ from .base import (
 )
 from .processes import EngineDied, EngineOutput, EngineTimedOut, ProcessGroup, death_watch, watchdog
 from .vllm_worker import WORKER_METHODS
-from .vllm_installed import (
-    NOT_INSTALLED_ERROR,
-    VLLMInstallation,
-    installed_version,
-    set_env_defaults,
-    start_failed,
-    start_timed_out,
-    validate_kwargs,
-)
+from .vllm_installed import VLLMInstallation, prepare_start, start_failed, start_timed_out
 
 class VLLMEngine(VLLMInstallation):
     """A running ``vllm.LLM``. Use :meth:`start`; close with :meth:`close` or ``with``."""
@@ -81,11 +73,7 @@ class VLLMEngine(VLLMInstallation):
         if options.engine_core not in ENGINE_CORES:
             raise EngineError(f"engine_core {options.engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
         inline = options.engine_core == "inline"
-        found = installed_version()
-        if found is None:
-            raise EngineError(NOT_INSTALLED_ERROR)
-        validate_kwargs(kwargs)
-        set_env_defaults(found[0])
+        distribution = prepare_start(kwargs)
         import vllm
         from vllm.platforms import current_platform
 
@@ -105,7 +93,7 @@ class VLLMEngine(VLLMInstallation):
         model_config = llm.llm_engine.model_config
         info = EngineInfo(
             name="vllm",
-            version=f"{found[0]} {vllm.__version__}",
+            version=f"{distribution} {vllm.__version__}",
             device=str(current_platform.device_type),
             dtype=str(model_config.dtype).removeprefix("torch."),
             kwargs=dict(kwargs),

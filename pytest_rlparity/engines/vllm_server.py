@@ -52,15 +52,7 @@ from .base import (
 )
 from .processes import EngineOutput, ProcessGroup, watchdog
 from .vllm_worker import WORKER_METHODS
-from .vllm_installed import (
-    NOT_INSTALLED_ERROR,
-    VLLMInstallation,
-    installed_version,
-    set_env_defaults,
-    start_failed,
-    start_timed_out,
-    validate_kwargs,
-)
+from .vllm_installed import VLLMInstallation, prepare_start, start_failed, start_timed_out
 
 JSON_MINUS_INF = -9999.0
 """vLLM's OpenAI server writes a logprob of ``-inf`` (or NaN) as this in JSON."""
@@ -130,11 +122,7 @@ class VLLMServerEngine(VLLMInstallation):
         options = options or StartOptions()
         if options.url:
             return cls.attach(options.url, request_timeout=options.request_timeout, model_dir=model)
-        found = installed_version()
-        if found is None:
-            raise EngineError(NOT_INSTALLED_ERROR + " Or attach to a running server with --rlparity-server-url.")
-        validate_kwargs(kwargs)
-        set_env_defaults(found[0])
+        distribution = prepare_start(kwargs, not_installed_hint=" Or attach to a running server with --rlparity-server-url.")
         port = _free_port()
         command = [sys.executable, "-m", SERVER_MODULE, "--model", model, "--tokenizer", model, "--host", "127.0.0.1",
                    "--port", str(port), "--enable-prompt-tokens-details", *server_flags(kwargs)]
@@ -157,7 +145,7 @@ class VLLMServerEngine(VLLMInstallation):
             raise EngineError(start_failed(kwargs, str(exc), output.root_cause())) from exc
         processes.adopt_new()
         version = _get(url, "/version", options.request_timeout).get("version", "?")
-        info = EngineInfo(name=GOLDEN_ENGINE, version=f"{found[0]} {version} {VIA_HTTP}", device=_device(url, options.request_timeout),
+        info = EngineInfo(name=GOLDEN_ENGINE, version=f"{distribution} {version} {VIA_HTTP}", device=_device(url, options.request_timeout),
                           dtype=str(kwargs.get("dtype", "auto")), kwargs=dict(kwargs))
         return cls(url, info, request_timeout=options.request_timeout, processes=processes, output=output)
 
