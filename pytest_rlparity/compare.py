@@ -67,12 +67,12 @@ class Comparison:
     factors: dict[str, float] = field(default_factory=dict)
     """The floor factor of each calibrated bound."""
 
-    def floor_ratios(self) -> dict[str, float]:
-        """Each calibrated statistic as a multiple of its floor: what the factors bound."""
+    def floor_ratios(self, stats: Sequence[str] | None = None) -> dict[str, float]:
+        """Each of ``stats`` (default: the calibrated ones, which the factors bound) as a multiple of its floor."""
         if not self.floor:
             return {}
         ratios = {}
-        for stat in self.factors:
+        for stat in self.factors if stats is None else stats:
             if stat == "out_of_support":
                 continue
             scale = floor_scale(stat, self.floor)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..compare import Comparison, compare_logprobs
-from ..settings import Tolerance, floor_scale
+from ..settings import Tolerance
 from . import causes
 from .causes import Cause
 from .result import Finding, LayerResult
@@ -85,8 +85,7 @@ def check_budget(
     tolerance = Tolerance(max_abs=None, mean_abs=None, mean_offset=None, k3_kl=None, prob_diff_mean=None,
                           floor_factors={"mean_abs": budget, "out_of_support": budget})
     comparison = compare_logprobs(engine, trainer, tolerance, token_ids=token_ids, decode=decode, twin=twin, sampled=True)
-    floor = comparison.floor or {}
-    ratios = {s: abs(comparison.stats.get(s, 0.0)) / floor_scale(s, floor) for s in ("mean_abs", "k3_kl", "mean_offset") if floor_scale(s, floor) > 0}
+    ratios = comparison.floor_ratios(("mean_abs", "k3_kl", "mean_offset"))
     result = path_result(label, comparison)
     result.summary = "the path costs more than its budget"
     if not comparison.ok:
