@@ -390,15 +390,16 @@ def check(options: Options) -> None:
     except EngineError as exc:
         raise pytest.UsageError(f"--rlparity-engine: {exc}") from None
     kwargs = options.engine_kwargs
-    if str(kwargs.get("dtype", "")).removeprefix("torch.") in DTYPE_ALIASES:
-        kwargs["dtype"] = DTYPE_ALIASES[str(kwargs["dtype"]).removeprefix("torch.")]
+    alias = str(kwargs.get("dtype", "")).removeprefix("torch.")
+    if alias in DTYPE_ALIASES:
+        kwargs["dtype"] = DTYPE_ALIASES[alias]
+    effective = {**cls.default_kwargs, **kwargs}
     try:
-        cls.validate_kwargs({**cls.default_kwargs, **kwargs})
+        cls.validate_kwargs(effective)
     except EngineError as exc:
         raise pytest.UsageError(str(exc)) from None
-    dtype = {**cls.default_kwargs, **kwargs}.get("dtype", "float32")
     try:
-        numerics_for(str(dtype)).tolerance.replace(**options.tolerance)
+        numerics_for(str(effective.get("dtype", "float32"))).tolerance.replace(**options.tolerance)
     except ValueError as exc:
         raise pytest.UsageError(f"rlparity: {exc} (engine kwarg dtype, or the profile's [tolerance] table)") from None
     if options.model is not None:

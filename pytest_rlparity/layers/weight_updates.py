@@ -161,7 +161,7 @@ def check_update_series(
         raise ValueError(f"steps={steps}: a series needs at least one update")
     previous = trainer.state()
     usage: list[float] = []
-    result = LayerResult(LAYER, "no update", Comparison({}, tolerance))  # replaced by the first update's
+    result: LayerResult
     for step in range(1, steps + 1):
         push(step)
         current = trainer.state()
