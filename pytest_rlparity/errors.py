@@ -31,3 +31,12 @@ class EngineError(RuntimeError):
 class ReferenceCheckError(pytest.UsageError):
     """The reference the engine is judged against (the fp32 trainer, its precision twin, the floor between
     them) is wrong or empty: no verdict is given, since one against a wrong reference means nothing."""
+
+
+class RoutingReferenceError(ReferenceCheckError):
+    """A reduced-precision mixture-of-experts reference: sound only where the engine's routes are replayed in the
+    trainer (the MoE routing check), since elsewhere the twin's flipped routes move logprobs by nats."""
+
+
+class RoutesUnavailable(EngineError):
+    """The engine cannot say which experts it routed each token to; the message says why and what would."""

@@ -103,9 +103,9 @@ def rlparity_tolerance(rlparity_session: RLParitySession) -> Tolerance:
 @pytest.fixture(scope="session")
 def rlparity_prompts(rlparity_trainer: Trainer) -> list[list[int]]:
     """Built-in prompts as token ids: the start of each sentence of the embedded corpus."""
-    from .model import CORPUS
+    from .model import corpus_prompts
 
-    return [rlparity_trainer.tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS]
+    return corpus_prompts(rlparity_trainer.tokenizer)
 
 
 class GoldenCheck:

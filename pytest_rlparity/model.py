@@ -167,6 +167,11 @@ def tokens_of_length(tokenizer: Any, count: int) -> list[int]:
     return ids[:count]
 
 
+def corpus_prompts(tokenizer: Any) -> list[list[int]]:
+    """The built-in prompts as token ids: the first four words of each sentence of :data:`CORPUS`."""
+    return [tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS]
+
+
 def non_canonical_prompts(tokenizer: Any, count: int = 4) -> list[list[int]]:
     """Prompts whose token ids the tokenizer would not produce from their own text: words of the corpus
     spelled one character token at a time. An engine that re-tokenizes the decoded text sees other ids."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from . import sampling
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
 class Policy:
@@ -99,18 +102,22 @@ class Policy:
             )
 
     @property
-    def routers(self) -> list[tuple[str, torch.nn.Module]]:
-        """The mixture-of-experts routers of the model, by module name: modules with a ``top_k`` that return
-        ``(logits, weights, expert indices)`` (Qwen3-MoE, Mixtral, OLMoE, ... in transformers); empty for a
-        dense model."""
-        return [(name, m) for name, m in self.model.named_modules() if hasattr(m, "top_k") and name.endswith("gate")]
+    def routers(self) -> dict[int, torch.nn.Module]:
+        """The mixture-of-experts routers of the model by decoder-layer index: modules with a ``top_k`` that
+        return ``(logits, weights, expert indices)`` (Qwen3-MoE, Mixtral, OLMoE, ... in transformers); empty
+        for a dense model. Keyed by layer, as engines report their routes (:data:`~.engines.base.Routes`)."""
+        return {
+            int(match.group(1)): m
+            for name, m in self.model.named_modules()
+            if hasattr(m, "top_k") and name.endswith("gate") and (match := _LAYER_INDEX.search(name))
+        }
 
-    def expert_choices(self, sequence: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Per router, the experts it picks for each token of ``sequence`` (``[len, top_k]``, in its own order)."""
-        picked: dict[str, torch.Tensor] = {}
+    def expert_choices(self, sequence: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Per MoE layer, the experts its router picks for each token of ``sequence`` (``[len, top_k]``, in its own order)."""
+        picked: dict[int, torch.Tensor] = {}
         hooks = [
-            module.register_forward_hook(lambda _m, _i, out, name=name: picked.__setitem__(name, out[-1].cpu()))
-            for name, module in self.routers
+            module.register_forward_hook(lambda _m, _i, out, layer=layer: picked.__setitem__(layer, out[-1].cpu()))
+            for layer, module in self.routers.items()
         ]
         try:
             with torch.no_grad():
@@ -121,20 +128,25 @@ class Policy:
         return picked
 
     @contextlib.contextmanager
-    def routes_from(self, choices: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Within the block every router picks the experts in ``choices`` (per router, ``[tokens, top_k]``, as
-        :meth:`expert_choices` gives them for the same sequence) instead of its own, weighted by its own
-        probabilities of them: routing replay, as RL stacks force the trainer onto the engine's routes."""
+    def routes_from(self, choices: dict[int, torch.Tensor]) -> Iterator[None]:
+        """Within the block every router picks the experts in ``choices`` (per layer, ``[tokens, top_k]``, as
+        :meth:`expert_choices` gives them or an engine reports them for the same sequence) instead of its own,
+        weighted by its own probabilities of them: routing replay, as RL stacks force the trainer onto the
+        engine's routes. A router whose layer is missing from ``choices`` routes as its own."""
 
-        def replay(module: torch.nn.Module, _inputs: Any, out: Any, name: str) -> Any:
+        def replay(module: torch.nn.Module, _inputs: Any, out: Any, layer: int) -> Any:
             logits = out[0]
-            picked = choices[name][: logits.shape[0]].to(logits.device)  # a prefix routes as in the whole sequence
+            picked = choices[layer][: logits.shape[0]].to(device=logits.device, dtype=torch.long)  # a prefix routes as in the whole sequence
             weights = torch.softmax(logits.float(), dim=-1).gather(-1, picked)
             if getattr(module, "norm_topk_prob", False):
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             return (logits, weights.to(out[1].dtype), picked)
 
-        hooks = [module.register_forward_hook(lambda m, i, o, name=name: replay(m, i, o, name)) for name, module in self.routers]
+        hooks = [
+            module.register_forward_hook(lambda m, i, o, layer=layer: replay(m, i, o, layer))
+            for layer, module in self.routers.items()
+            if layer in choices
+        ]
         try:
             yield
         finally:

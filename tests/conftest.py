@@ -103,9 +103,9 @@ def trainer(tiny_model):
 
 @pytest.fixture(scope="session")
 def prompts(trainer) -> list[list[int]]:
-    from pytest_rlparity.model import CORPUS
+    from pytest_rlparity.model import corpus_prompts
 
-    return [trainer.tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS[:6]]
+    return corpus_prompts(trainer.tokenizer)[:6]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Past one GPU: tensor parallelism, vLLM's weight-transfer engines, the batch-invariant tier.
+"""Past one GPU: tensor parallelism, vLLM's weight-transfer engines, the batch-invariant tier, and vLLM's own
+returned MoE routes on a real MoE shape.
 
 Skipped without CUDA GPUs and vLLM built for them. On a machine with two GPUs:
 
@@ -28,6 +29,7 @@ from pytest_rlparity.engines.vllm_worker import EXTENSION
 from pytest_rlparity.layers.bitwise import FLAG, PROMISED
 from pytest_rlparity.layers.weight_updates import check_after_update
 from pytest_rlparity.numerics import numerics_for
+from pytest_rlparity.settings import SamplingSettings
 from pytest_rlparity.trainer.recompute import Trainer
 from tests.conftest import REPO, run_pytest
 from tests.test_inference_path_faults import GREEDY, causes, step
@@ -39,6 +41,7 @@ pytestmark = pytest.mark.skipif(
 
 PROFILE = tomllib.loads((REPO / "profiles" / "gpu-bf16.toml").read_text())["engine_kwargs"]
 BF16 = numerics_for("bfloat16").tolerance
+SAMPLED = SamplingSettings(temperature=0.8, top_k=40, max_tokens=24, seed=0)
 
 
 def gpu_kwargs(**overrides):
@@ -118,7 +121,7 @@ CONTROL_MODEL = os.environ.get("RLPARITY_CONTROL_MODEL")
 def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path, tiny_model):
     """The tier's suite test with ``VLLM_BATCH_INVARIANT=1`` (0 differing bits where vLLM promises them), and the
     same measurement in this process without the flag, where batching must change some bits."""
-    from pytest_rlparity.model import CORPUS
+    from pytest_rlparity.model import corpus_prompts
     from pytest_rlparity.suite import shared_prefix_prompts
     from pytest_rlparity.suite.test_batch_invariance import measure_paths
 
@@ -142,7 +145,7 @@ def test_batch_invariant_tier_passes_and_the_control_shows_differences(tmp_path,
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    prompts = [tokenizer(" ".join(s.split()[:4])).input_ids for s in CORPUS[:6]]
+    prompts = corpus_prompts(tokenizer)[:6]
     long_prompts = shared_prefix_prompts(tokenizer)
     try:
         off = measure_paths(factory, prompts, long_prompts)
@@ -166,3 +169,38 @@ def test_an_inline_engine_starts_after_the_one_before_it_closed(tiny_model, prom
         kwargs = gpu_kwargs(enable_prefix_caching=prefix_caching)
         with VLLMEngine.start(str(tiny_model), kwargs, StartOptions(engine_core="inline")) as engine:
             assert all(c.token_ids for c in engine.generate(prompts, GREEDY))
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    """Qwen3-30B-A3B's layout at 1.2B parameters (64 experts, 8 per token), or ``RLPARITY_MOE_MODEL``."""
+    from pytest_rlparity.shapes import MOE_SHAPES, make_model
+
+    if os.environ.get("RLPARITY_MOE_MODEL"):
+        return Path(os.environ["RLPARITY_MOE_MODEL"])
+    return make_model(tmp_path_factory.mktemp("moe") / "qwen3-moe-1b", MOE_SHAPES["qwen3-moe-1b"], dtype="bfloat16")
+
+
+def test_moe_routes_vllm_returns_agree_replay_and_a_perturbed_router_fails(moe_model, tmp_path, record_property):
+    """vLLM's returned routes (``enable_return_routed_experts``) on a real MoE shape in bf16: the clean engine
+    routes within what the twin's own flips allow and, replayed, scores within the bf16 bounds; a perturbed
+    router fails with cause ``moe routing``. The numbers go to the junit properties and stdout."""
+    from pytest_rlparity.engines.faults import perturbed_router
+    from pytest_rlparity.layers.moe_routing import check_routing
+    from pytest_rlparity.model import corpus_prompts
+    from tests.test_moe_routing import PERTURBATION
+
+    trainer = Trainer(moe_model, device="cuda", twin=("bfloat16", "float32"))
+    prompts = corpus_prompts(trainer.tokenizer)
+    results = {}
+    engines = {"clean": moe_model, "perturbed": perturbed_router(moe_model, tmp_path / "perturbed", scale=PERTURBATION)}
+    for name, model in engines.items():
+        with VLLMEngine.start(str(model), gpu_kwargs(enable_return_routed_experts=True)) as engine:
+            completions = engine.generate(prompts, SAMPLED)
+            sequences = [c.prompt_ids + c.token_ids for c in completions]
+            routes, scores = engine.expert_routes(sequences), engine.score(sequences)
+        results[name] = check_routing(routes, scores, trainer.routing_reference(sequences, routes), BF16, label=f"{name} MoE routes")
+        record_property(name, results[name].note)
+        print(f"{name}: {results[name].note}\n{results[name].message()}")
+    assert results["clean"].ok, results["clean"].message()
+    assert [f.cause for f in results["perturbed"].findings] == [causes.MOE_ROUTING], results["perturbed"].message()

@@ -83,6 +83,23 @@ class Engine(Protocol):
         ...
 
 
+Routes = dict[int, Any]
+"""Where a mixture-of-experts model sent each token: per decoder-layer index, the expert ids its router picked,
+a ``[tokens, top_k]`` integer tensor whose row ``t`` is the token at position ``t`` (order within a row is free)."""
+
+
+@runtime_checkable
+class RoutingEngine(Protocol):
+    """An engine that can report its mixture-of-experts routes (routing replay, "R3"): optional, checked with
+    ``isinstance``; the MoE routing check skips, naming the reason, where the engine has none."""
+
+    def expert_routes(self, sequences: Sequence[Sequence[int]]) -> list[Routes]:
+        """The routes of every position but the last of each sequence (those that predict tokens ``1..n-1``,
+        as :meth:`Engine.score` scores them), from a prefill of the whole sequence. Raises
+        :class:`~pytest_rlparity.errors.RoutesUnavailable` with the reason when the engine cannot report them."""
+        ...
+
+
 class Build(NamedTuple):
     """An engine as installed, known without starting it: for the report header and goldens."""
 

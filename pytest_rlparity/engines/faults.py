@@ -15,7 +15,10 @@ Each fault mimics a real bug seen in RL stacks (see the field names).
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..settings import SamplingSettings
 from .base import Completion, Engine
@@ -100,3 +103,34 @@ class FaultyEngine:
             logprobs = logprobs[:-1]
         text = c.text + " [edited]" if self.retokenize_text else c.text
         return dataclasses.replace(c, logprobs=logprobs, top_logprobs=top, text=text)
+
+
+ROUTER_WEIGHT = re.compile(r"\.gate\.weight$")
+"""A mixture-of-experts router's weight (``model.layers.N.mlp.gate.weight``), not a gated MLP's ``gate_proj``."""
+
+
+def perturbed_router(model_dir: str | Path, dest: str | Path, *, scale: float, seed: int = 0) -> Path:
+    """Copy the model in ``model_dir`` to ``dest`` with noise of ``scale`` times each router weight's std added:
+    start an engine on the copy and judge it against the trainer on the original. Mimics an engine whose router
+    computes otherwise (a router left in another precision or missed by a weight update). Raises if the model
+    has no router."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    shutil.copytree(model_dir, dest)
+    generator = torch.Generator().manual_seed(seed)
+    perturbed = 0
+    for path in sorted(dest.glob("*.safetensors")):
+        tensors = load_file(path)
+        for name in sorted(tensors):
+            if ROUTER_WEIGHT.search(name):
+                weight = tensors[name]
+                noise = torch.randn(weight.shape, generator=generator) * float(weight.float().std()) * scale
+                tensors[name] = (weight.float() + noise).to(weight.dtype)
+                perturbed += 1
+        save_file(tensors, path, metadata={"format": "pt"})
+    if not perturbed:
+        shutil.rmtree(dest)
+        raise ValueError(f"{model_dir} has no mixture-of-experts router weight (*.gate.weight) to perturb")
+    return dest

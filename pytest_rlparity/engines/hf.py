@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 import torch
 
 from .. import sampling
-from ..errors import EngineError
+from ..errors import EngineError, RoutesUnavailable
 from ..policy import Policy
 from ..settings import SamplingSettings
-from .base import Build, Completion, EngineInfo, StartOptions, checkpoint_tensors, request_seed, skips_on
+from .base import Build, Completion, EngineInfo, Routes, StartOptions, checkpoint_tensors, request_seed, skips_on
 
 KWARGS = {"dtype": "float32", "head_dtype": None, "logprobs_mode": "processed_logprobs"}
 """Every kwarg this engine understands, with its default."""
@@ -117,6 +117,12 @@ class HFEngine:
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         return self.model.score(sequences)
+
+    def expert_routes(self, sequences: Sequence[Sequence[int]]) -> list[Routes]:
+        """The routes of its own forward (:class:`~.base.RoutingEngine`); unavailable for a dense model."""
+        if not self.model.routers:
+            raise RoutesUnavailable(f"{self.model.architecture} has no mixture-of-experts router")
+        return [{layer: rows[: len(seq) - 1] for layer, rows in self.model.expert_choices(seq).items()} for seq in sequences]
 
     def update_weights(self, directory: str, *, method: str = "reload_dir", skip_prefixes: Sequence[str] = ()) -> None:
         """Load the weights in ``directory``, leaving out tensors under ``skip_prefixes``."""

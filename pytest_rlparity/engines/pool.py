@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import EngineError
+from ..errors import EngineError, RoutesUnavailable
 from ..settings import SamplingSettings
-from .base import ENGINE_CORE, Completion, Engine, EngineClass, EngineInfo, StartOptions
+from .base import ENGINE_CORE, Completion, Engine, EngineClass, EngineInfo, Routes, RoutingEngine, StartOptions
 
 
 @dataclass
@@ -154,6 +154,13 @@ class EngineHandle:
         """Per-parameter checksums of the weights the engine holds, ``None`` if it cannot say."""
         engine = self.engine
         return engine.weight_checksums() if hasattr(engine, "weight_checksums") else None
+
+    def expert_routes(self, sequences: Sequence[Sequence[int]]) -> list[Routes]:
+        """The engine's mixture-of-experts routes (:class:`~.base.RoutingEngine`); ``RoutesUnavailable`` if it has none."""
+        engine = self.engine
+        if not isinstance(engine, RoutingEngine):
+            raise RoutesUnavailable(f"the {engine.info.name} engine reports no expert routes")
+        return engine.expert_routes(sequences)
 
     def generate_across_update(
         self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, update: Callable[[], None], **kwargs: Any

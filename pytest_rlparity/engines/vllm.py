@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from ..errors import EngineError
+from ..errors import EngineError, RoutesUnavailable
 from ..settings import SamplingSettings
 from .base import (
     ENGINE_CORE,
@@ -27,13 +27,14 @@ from .base import (
     Completion,
     EngineInfo,
     PauseMode,
+    Routes,
     StartOptions,
     checkpoint_tensors,
     request_seed,
     skips_on,
 )
 from .processes import EngineDied, EngineOutput, EngineTimedOut, ProcessGroup, death_watch, watchdog
-from .vllm_worker import WORKER_METHODS
+from .vllm_worker import EXTENSION, WORKER_METHODS, WeightSyncExtension
 from .vllm_installed import VLLMInstallation, prepare_start, start_failed, start_timed_out
 
 class VLLMEngine(VLLMInstallation):
@@ -123,6 +124,48 @@ class VLLMEngine(VLLMInstallation):
             entries = out.prompt_logprobs[1:]
             scored.append([entry[tok].logprob for tok, entry in zip(seq[1:], entries)])
         return scored
+
+    def expert_routes(self, sequences: Sequence[Sequence[int]]) -> list[Routes]:
+        """The experts vLLM routed each position to (:class:`~.base.RoutingEngine`), one sequence per prefill.
+
+        With ``enable_return_routed_experts=True`` they are what vLLM returns (``routed_experts``, the routes RL
+        stacks replay); otherwise they are recorded in the worker through the hook that feature uses, which
+        needs the inline engine core or the worker extension. Each prefill gets its own cache salt: a
+        prefix-cache hit would skip the routers of the positions it serves."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        returned = bool(self.info.kwargs.get("enable_return_routed_experts"))
+        if not returned and (reason := self._in_worker("rlparity_record_routes")):
+            raise RoutesUnavailable(reason)
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        routes = []
+        for seq in sequences:
+            prompt = TokensPrompt(prompt_token_ids=list(seq), cache_salt=f"rlparity-routes-{next(self._batches)}")
+            with self._answering("expert routes (one prefill)"):
+                out = self.llm.generate([prompt], params, use_tqdm=False)[0]
+            if returned:
+                rows = out.outputs[0].routed_experts  # [positions, layers, top_k]
+                found = {} if rows is None else {layer: rows[:, layer] for layer in range(rows.shape[1])}
+            else:
+                found = self._in_worker("rlparity_recorded_routes")
+            routes.append(_positions(found, len(seq)))
+        return routes
+
+    def _in_worker(self, method: str) -> Any:
+        """Rank 0's answer to a :class:`~.vllm_worker.WeightSyncExtension` method: by name where the extension is
+        installed, else as a function of the worker where the engine core runs in this process."""
+        if "worker_extension_cls" in self.info.kwargs:
+            target: str | Callable[..., Any] = method
+        elif self.inline:
+            target = getattr(WeightSyncExtension, method)
+        else:
+            raise RoutesUnavailable(
+                "expert routes need enable_return_routed_experts=True (vLLM on GPU, with prefix caching), the inline "
+                f"engine core (--rlparity-engine-core=inline) or worker_extension_cls={EXTENSION}"
+            )
+        with self._answering(method):
+            return self.llm.collective_rpc(target)[0]
 
     def update_weights(self, directory: str, *, method: str = "reload_dir", skip_prefixes: Sequence[str] = ()) -> None:
         """Push the weights saved in ``directory`` into the running engine.
@@ -439,3 +482,17 @@ def _forget_graph_pool() -> None:
     platform = type(current_platform)
     if getattr(platform, "_global_graph_pool", None) is not None:
         platform._global_graph_pool = None
+
+
+def _positions(found: dict[int, Any], length: int) -> Routes:
+    """The routes of positions ``0..length-2`` as int64 tensors; raises if any layer has fewer."""
+    import torch
+
+    routes = {int(layer): torch.as_tensor(rows, dtype=torch.long)[: length - 1] for layer, rows in found.items()}
+    short = {layer: len(r) for layer, r in routes.items() if len(r) < length - 1}
+    if not routes or short:
+        raise RoutesUnavailable(
+            f"the engine reported routes for {short or 'no layer'} positions of a {length}-token sequence, "
+            f"{length - 1} needed: does the model route tokens to experts?"
+        )
+    return routes

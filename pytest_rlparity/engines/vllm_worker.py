@@ -80,6 +80,41 @@ class WeightSyncExtension:
         return written
 
 
+    def rlparity_record_routes(self) -> str | None:
+        """Record, from now on, the expert ids every MoE router of this worker picks, through the hook vLLM's own
+        routed-experts capture uses (``bind_routed_experts_capturer``). Returns why it cannot, or ``None``.
+        Idempotent; :meth:`rlparity_recorded_routes` hands the records over."""
+        if getattr(self, "_rlparity_routes", None) is not None:
+            return None
+        try:
+            from vllm.model_executor.layers.fused_moe.routed_experts_capturer import bind_routed_experts_capturer
+        except ImportError:
+            return "this vLLM has no routed-experts capture hook (bind_routed_experts_capturer)"
+        records: dict[int, list[object]] = {}
+
+        class Recorder:
+            @staticmethod
+            def capture(layer_id: int, topk_ids: object) -> None:
+                records.setdefault(int(layer_id), []).append(topk_ids.detach().to("cpu", copy=True))  # type: ignore[attr-defined]
+
+        try:
+            bind_routed_experts_capturer(self.model_runner.model, Recorder())
+        except ValueError as exc:  # a dense model, or a fused MoE kernel that routes inside itself
+            return f"vLLM cannot capture this model's routes: {exc}"
+        self._rlparity_routes = records
+        return None
+
+    def rlparity_recorded_routes(self) -> dict[int, list[list[int]]]:
+        """The expert ids recorded since the last call, per layer in the order the tokens ran, and forget them.
+        Plain lists, so they travel back from an engine-core process as they are."""
+        import torch
+
+        records = getattr(self, "_rlparity_routes", None) or {}
+        taken = {layer: torch.cat(rows).tolist() for layer, rows in records.items()}
+        records.clear()
+        return taken
+
+
 def _tp_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 

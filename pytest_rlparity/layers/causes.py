@@ -73,6 +73,7 @@ ASYNC_SCHEDULING = Cause("async_scheduling", PATH, "try async_scheduling=false",
 ENFORCE_EAGER = Cause("enforce_eager", PATH, "try enforce_eager=true; if that fixes it, a compiled kernel or CUDA graph differs")
 FP8_BUDGET = Cause("fp8 budget", PATH, "the fp8 path costs more than its budget: check its scales (calibrated k/v scales, calculate_kv_scales), or raise [tolerance] fp8_kv_budget if this cost is accepted")
 LM_HEAD = Cause("lm_head precision", PATH, 'compute the lm_head in fp32: hf_overrides={"head_dtype": "float32"}, as the trainer does', "an fp32 lm_head")
+MOE_ROUTING = Cause("moe routing", PATH, "the engine routes tokens to other experts than the trainer: check the router weights and their precision; in reduced precision replay the engine's routes in the trainer (vLLM: enable_return_routed_experts=True)")
 STALE_WEIGHTS = Cause("stale weights", PATH, "update through the engine's reload path (reload_weights), not by writing named_parameters()")
 PARTIAL_UPDATE = Cause("partial update", PATH, "push every tensor, including fused/packed ones (qkv, gate_up), through the reload path, to every rank")
 WEIGHTS = Cause("weights", PATH, "check the update path, dtype and lm_head precision")

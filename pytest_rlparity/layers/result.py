@@ -34,6 +34,8 @@ class LayerResult:
     """What a failure means for this layer, after the label in the message's first line."""
     extra: list[Comparison] = field(default_factory=list)
     """Further comparisons shown when they fail (e.g. top-k alternatives)."""
+    note: str = ""
+    """Numbers the check rests on beside its comparison (e.g. MoE routing flips per layer), for the report."""
 
     @property
     def ok(self) -> bool:
@@ -49,7 +51,10 @@ class LayerResult:
     def raise_if_failed(self) -> None:
         """Publish the check to the run's report, then raise if anything was found."""
         __tracebackhide__ = True
-        publish(self.comparison.check_entry(self.label, self.layer, self.findings), self.comparison)
+        entry = self.comparison.check_entry(self.label, self.layer, self.findings)
+        if self.note:
+            entry["note"] = self.note
+        publish(entry, self.comparison)
         if not self.ok:
             first = self.findings[0]
             raise ParityError(self.message(), layer=self.layer, cause=str(first.cause), headline=f"{self.label}: {first.message}")

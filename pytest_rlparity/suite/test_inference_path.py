@@ -3,7 +3,7 @@
 Paths compared: prefix-cache hits vs a cold cache (shared prefixes longer than a cache
 block), chunked prefill with a small token budget, a request alone vs in a batch vs in
 another order, two runs with one seed, async scheduling and compilation where the
-engine supports them, the lm_head's precision, and weight updates pushed by a trainer
+engine supports them, the lm_head's precision, a mixture-of-experts model's routes, and weight updates pushed by a trainer
 after a real optimizer step, also while requests are running (pause modes keep, wait, abort).
 """
 
@@ -18,7 +18,10 @@ from pytest_rlparity.engines.base import ENGINE_CORE, PAUSE_MODES, VLLM_ENGINE_A
 from pytest_rlparity.engines.vllm_transfer import BACKENDS as TRANSFER_BACKENDS
 from pytest_rlparity.engines.vllm_transfer import unavailable as transfer_unavailable
 from pytest_rlparity.layers import causes
+from pytest_rlparity.errors import RoutesUnavailable
 from pytest_rlparity.layers.inference_path import check_budget, compare_paths, same_tokens
+from pytest_rlparity.layers.moe_routing import check_routing
+from pytest_rlparity.model import corpus_prompts
 from pytest_rlparity.layers.weight_updates import check_after_update, check_update_in_flight, check_update_series, visible_step
 from pytest_rlparity.scheduling import SESSION_ENGINE_GROUP
 from pytest_rlparity.settings import SamplingSettings
@@ -139,6 +142,27 @@ def test_fp8_kv_cache_stays_within_its_budget(vllm_paths, rlparity_session, rlpa
     check_budget(
         [c.logprobs for c in completions], recompute.processed, recompute.twin_processed, rlparity_tolerance.fp8_kv_budget,
         label="fp8 KV cache vs fp32 trainer", token_ids=[c.token_ids for c in completions], decode=trainer.tokenizer.decode,
+    ).raise_if_failed()
+
+
+@ON_SESSION_ENGINE
+def test_moe_routing_matches_trainer(rlparity_session, rlparity_tolerance):
+    """A mixture-of-experts engine routes its rollouts' tokens to the experts the trainer picks (beyond what the
+    precision twin's own flips explain), and with its routes replayed in the trainer it scores them as the trainer
+    does (:mod:`pytest_rlparity.layers.moe_routing`). The one check a reduced-precision MoE reference is sound for."""
+    trainer = rlparity_session.trainer(replaying_routes=True)
+    if not trainer.routers:
+        pytest.skip("a dense model: no expert routers to compare")
+    engine = rlparity_session.engine(replaying_routes=True)
+    completions = engine.generate(corpus_prompts(trainer.tokenizer), rlparity_session.seeded(SAMPLED))
+    sequences = [c.prompt_ids + c.token_ids for c in completions]
+    try:
+        routes = engine.expert_routes(sequences)
+    except RoutesUnavailable as exc:
+        pytest.skip(f"expert routes unavailable: {exc}")
+    check_routing(
+        routes, engine.score(sequences), trainer.routing_reference(sequences, routes), rlparity_tolerance,
+        label="MoE routes of the rollouts", token_ids=[s[1:] for s in sequences], decode=trainer.tokenizer.decode,
     ).raise_if_failed()
 
 

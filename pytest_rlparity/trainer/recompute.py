@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import sampling
-from ..engines.base import Completion
+from ..engines.base import Completion, Routes
 from ..policy import Policy
 from ..settings import SamplingSettings
 
@@ -42,6 +42,22 @@ class Recompute:
     def twin_processed(self) -> list[list[float]] | None:
         """The twin's processed logprobs: the ``twin=`` of a calibrated comparison."""
         return self.twin.processed if self.twin is not None else None
+
+
+@dataclass
+class RoutingReference:
+    """The trainer's side of the MoE routing check (:mod:`pytest_rlparity.layers.moe_routing`) on fixed sequences."""
+
+    routes: list[Routes]
+    """The fp32 trainer's own routes."""
+    twin_routes: list[Routes] | None
+    """The precision twin's own routes: how many flips reduced precision alone makes."""
+    scores: list[list[float]]
+    """Teacher-forced raw logprobs on the trainer's own routes."""
+    replayed: list[list[float]]
+    """The same with the engine's routes replayed (routing replay)."""
+    twin_replayed: list[list[float]] | None
+    """The twin's, with the engine's routes replayed: the precision floor of the replayed comparison."""
 
 
 class Trainer(Policy):
@@ -119,41 +135,59 @@ class Trainer(Policy):
         )
         return floor
 
+    def routing_reference(self, sequences: Sequence[Sequence[int]], engine_routes: Sequence[Routes]) -> RoutingReference:
+        """Routes and scores of ``sequences`` by this trainer and its twin, on their own routes and on the engine's."""
+        twin = self._synced_twin()
+        replayed, twin_replayed = [], []
+        for seq, routes in zip(sequences, engine_routes, strict=True):
+            with self.routes_from(routes):
+                replayed.append(self.score([seq])[0])
+            if twin is not None:
+                with twin.routes_from(routes):
+                    twin_replayed.append(twin.score([seq])[0])
+        return RoutingReference(
+            routes=[self.expert_choices(seq) for seq in sequences],
+            twin_routes=[twin.expert_choices(seq) for seq in sequences] if twin is not None else None,
+            scores=self.score(sequences),
+            replayed=replayed,
+            twin_replayed=twin_replayed if twin is not None else None,
+        )
+
     def check_routing(self, twin: Trainer, sequences: Sequence[Sequence[int]]) -> None:
         """A mixture-of-experts model in reduced precision routes some tokens to other experts than in fp32, and
-        each such flip moves their logprobs by nats, not by rounding: no precision floor bounds it. Judging it
-        needs the engine's own routes replayed in the trainer (routing replay), which this suite does not do
-        yet; so it refuses with the numbers (the twin's flips, and its floor with and without the fp32 routes
-        replayed), and an fp32 engine, which routes as the trainer does, is judged."""
+        each such flip moves their logprobs by nats, not by rounding: no precision floor bounds it. Only the MoE
+        routing check (:mod:`~pytest_rlparity.layers.moe_routing`) replays the engine's routes in the trainer;
+        the other checks compare on the trainer's own routes. So a reduced-precision MoE reference is refused to
+        them (:class:`~pytest_rlparity.errors.RoutingReferenceError`, with the twin's flips and its floor with and
+        without the fp32 routes replayed) once the replayed floor itself is sound; an fp32 engine, which routes as
+        the trainer does, is judged by all."""
         from ..compare import precision_floor
-        from ..errors import ReferenceCheckError
+        from ..errors import RoutingReferenceError
+        from ..layers.moe_routing import route_flips
+        from ..settings import check_floor
 
         if not self.routers:
             return
-        decisions = flipped = 0
-        per_router: dict[str, float] = {}
+        ours = [self.expert_choices(seq) for seq in sequences]
+        flips = route_flips([twin.expert_choices(seq) for seq in sequences], ours)
         replayed = []
-        for seq in sequences:
-            ours, theirs = self.expert_choices(seq), twin.expert_choices(seq)
-            for name, picked in ours.items():
-                differ = (picked.sort(dim=-1).values != theirs[name].sort(dim=-1).values).any(dim=-1)
-                decisions += differ.numel()
-                flipped += int(differ.sum())
-                per_router[name] = max(per_router.get(name, 0.0), float(differ.float().mean()))
-            with twin.routes_from(ours):
+        for seq, routes in zip(sequences, ours):
+            with twin.routes_from(routes):
                 replayed.append(twin.score([seq])[0])
         full = self.score(sequences)
         own, shared = precision_floor(twin.score(sequences), full), precision_floor(replayed, full)
-        worst = max(per_router, key=per_router.__getitem__)
-        raise ReferenceCheckError(
+        check_floor(shared, f"{self.architecture}: the precision twin ({twin.dtype}) replaying the fp32 trainer's routes")
+        worst = max(flips, key=lambda layer: flips[layer][0] / max(flips[layer][1], 1))
+        flipped, decisions = sum(f for f, _ in flips.values()), sum(n for _, n in flips.values())
+        raise RoutingReferenceError(
             f"{self.architecture} routes each token to experts: its precision twin ({twin.dtype}) picks other experts "
-            f"than the fp32 trainer for {flipped} of {decisions} token-router decisions ({per_router[worst]:.1%} in {worst}) "
-            f"on {len(sequences)} fixed sequences, and a flipped route moves a token's logprobs by nats, which no "
+            f"than the fp32 trainer for {flipped} of {decisions} token-layer decisions ({flips[worst][0] / flips[worst][1]:.1%} "
+            f"in layer {worst}) on {len(sequences)} fixed sequences, and a flipped route moves a token's logprobs by nats, which no "
             f"precision floor bounds: the twin's floor is max |Δ| {own['max_abs']:.3g}, mean {own['mean_abs']:.3g} on its own "
-            f"routes and {shared['max_abs']:.3g}, {shared['mean_abs']:.3g} with the fp32 routes replayed. A reduced-precision "
-            "mixture-of-experts engine is judged only with the engine's routes replayed in the trainer (routing replay), "
-            "which pytest-rlparity does not do yet: run this model with an fp32 engine (--rlparity-engine-kwarg "
-            "dtype=float32), where engine and trainer route alike"
+            f"routes and {shared['max_abs']:.3g}, {shared['mean_abs']:.3g} with the fp32 routes replayed. Only the MoE routing "
+            "check (test_moe_routing_matches_trainer, with the engine's routes: vLLM enable_return_routed_experts=True) "
+            "replays the engine's routes; the others would compare flipped routes. Run those with an fp32 engine "
+            "(--rlparity-engine-kwarg dtype=float32), where engine and trainer route alike"
         )
 
     def sft_step(self, sequences: Sequence[Sequence[int]], lr: float = 1e-2) -> float:
