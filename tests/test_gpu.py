@@ -186,6 +186,7 @@ def test_moe_routes_vllm_returns_agree_replay_and_a_perturbed_router_fails(moe_m
     routes within what the twin's own flips allow and, replayed, scores within the bf16 bounds; a perturbed
     router fails with cause ``moe routing``. The numbers go to the junit properties and stdout."""
     from pytest_rlparity.engines.faults import perturbed_router
+    from pytest_rlparity.layers.causes import MOE_ROUTING
     from pytest_rlparity.layers.moe_routing import check_routing
     from pytest_rlparity.model import corpus_prompts
     from tests.test_moe_routing import PERTURBATION
@@ -203,4 +204,4 @@ def test_moe_routes_vllm_returns_agree_replay_and_a_perturbed_router_fails(moe_m
         record_property(name, results[name].note)
         print(f"{name}: {results[name].note}\n{results[name].message()}")
     assert results["clean"].ok, results["clean"].message()
-    assert [f.cause for f in results["perturbed"].findings] == [causes.MOE_ROUTING], results["perturbed"].message()
+    assert [f.cause for f in results["perturbed"].findings] == [MOE_ROUTING], results["perturbed"].message()

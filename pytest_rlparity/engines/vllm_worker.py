@@ -1,9 +1,10 @@
-"""Worker-side weight updates for vLLM, as named methods of a worker extension class.
+"""Worker-side weight updates (and MoE route recording) for vLLM, as named methods of a worker extension class.
 
 vLLM mixes ``worker_extension_cls`` into each worker, and ``LLM.collective_rpc`` calls
 its methods by name with plain arguments (paths, names), so nothing is pickled and
 ``VLLM_ALLOW_INSECURE_SERIALIZATION`` is never needed. Weights travel as safetensors
 files that the trainer wrote, which is how a trainer and an engine on one host share them.
+An inline engine core calls the same methods as functions of its worker, extension or not.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ class WeightSyncExtension:
                     target.copy_(tensor.to(target.dtype))
                     written += 1
         return written
-
 
     def rlparity_record_routes(self) -> str | None:
         """Record, from now on, the expert ids every MoE router of this worker picks, through the hook vLLM's own
