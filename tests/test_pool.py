@@ -51,3 +51,13 @@ def test_a_released_configuration_closes_at_once_and_starts_again_when_asked():
     pool.release(engine_core="process")  # nothing running with it: nothing to do
     again = pool.get(engine_core="process")
     assert again is not process and not again.closed and len(pool.starts) == 3
+
+
+def test_a_start_of_another_model_names_it_so_that_it_is_no_duplicate_of_the_sessions():
+    pool = EnginePool(engine=FakeEngine, model="session-model", base_kwargs={"dtype": "bfloat16"})
+    pool.get()
+    pool.get(model="large-logits")
+    assert [start.kwargs for start in pool.starts] == [
+        {"dtype": "bfloat16", "engine_core": "process"},
+        {"dtype": "bfloat16", "engine_core": "process", "model": "large-logits"},
+    ]

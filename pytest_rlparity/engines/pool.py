@@ -26,6 +26,7 @@ class EngineStart:
     """One engine start, for the session summary and the docs' numbers."""
 
     kwargs: dict[str, Any]
+    """The engine kwargs, where its core ran, and ``model`` when it served another model than the session's."""
     seconds: float
 
 
@@ -81,7 +82,8 @@ class EnginePool:
         except EngineError as exc:
             self._failed[key] = exc
             raise
-        self.starts.append(EngineStart({**kwargs, **cores}, time.monotonic() - began))
+        other_model = {"model": model} if model != self.model else {}
+        self.starts.append(EngineStart({**kwargs, **cores, **other_model}, time.monotonic() - began))
         self._alive[key] = engine
         if inline:
             self._inline.add(key)
