@@ -20,7 +20,7 @@ from pytest_rlparity.suite import CHUNK, SHARED_PREFIX
 from pytest_rlparity.suite import test_inference_path as suite
 
 FP32 = Tolerance()
-SESSION = types.SimpleNamespace(numerics=numerics_for("float32"), seeded=lambda settings: settings)
+SESSION = types.SimpleNamespace(numerics=numerics_for("float32"), seeded=lambda settings: settings, engine_kwargs={})
 """What the checks read from the parity session: fp32 numerics, the suite's seeds unchanged."""
 
 
@@ -85,3 +85,7 @@ def test_runtime_modes(hf_engine, trainer, prompts, kwargs):
     check("cuda", SESSION, factory(hf_engine), trainer, prompts, FP32, kwargs, "")
     drifting = FaultyEngine(hf_engine, logprob_offset=1e-4)
     fails_with(", ".join(kwargs), check, "cuda", SESSION, factory(drifting), trainer, prompts, FP32, kwargs, "")
+    # a mode the session engine already runs is judged by the session's checks: no second engine for it
+    running = types.SimpleNamespace(**{**vars(SESSION), "engine_kwargs": dict(kwargs)})
+    with pytest.raises(pytest.skip.Exception, match="the session engine runs with"):
+        check("cuda", running, factory(drifting), trainer, prompts, FP32, kwargs, "")
