@@ -153,6 +153,14 @@ class Policy:
             for hook in hooks:
                 hook.remove()
 
+    def score_on_routes(self, sequences: Sequence[Sequence[int]], routes: Sequence[dict[int, torch.Tensor]]) -> list[list[float]]:
+        """:meth:`score` of each sequence with its ``routes`` replayed (:meth:`routes_from`)."""
+        scores = []
+        for seq, choices in zip(sequences, routes, strict=True):
+            with self.routes_from(choices):
+                scores.append(self.score([seq])[0])
+        return scores
+
     @property
     def architecture(self) -> str:
         return ", ".join(getattr(self.model.config, "architectures", None) or [type(self.model).__name__])

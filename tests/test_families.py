@@ -102,13 +102,8 @@ def test_routing_replay_is_exact_and_brings_a_bf16_twin_back_to_precision_noise(
     trainer = Trainer(model, twin=("bfloat16", "float32"))
     sequences = [trainer.tokenizer(s).input_ids for s in CORPUS]
     full = trainer.score(sequences)
-    own, replayed = [], []
-    for seq in sequences:
-        routes = trainer.expert_choices(seq)
-        with trainer.routes_from(routes):
-            own.append(trainer.score([seq])[0])
-        with trainer.twin.routes_from(routes):
-            replayed.append(trainer.twin.score([seq])[0])
+    routes = [trainer.expert_choices(seq) for seq in sequences]
+    own, replayed = trainer.score_on_routes(sequences, routes), trainer.twin.score_on_routes(sequences, routes)
     assert own == full
     alone, shared = precision_floor(trainer.twin.score(sequences), full), precision_floor(replayed, full)
     assert shared["k3_kl"] * 10 < alone["k3_kl"] and shared["max_abs"] * 5 < alone["max_abs"], (alone, shared)

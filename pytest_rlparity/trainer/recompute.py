@@ -138,19 +138,12 @@ class Trainer(Policy):
     def routing_reference(self, sequences: Sequence[Sequence[int]], engine_routes: Sequence[Routes]) -> RoutingReference:
         """Routes and scores of ``sequences`` by this trainer and its twin, on their own routes and on the engine's."""
         twin = self._synced_twin()
-        replayed, twin_replayed = [], []
-        for seq, routes in zip(sequences, engine_routes, strict=True):
-            with self.routes_from(routes):
-                replayed.append(self.score([seq])[0])
-            if twin is not None:
-                with twin.routes_from(routes):
-                    twin_replayed.append(twin.score([seq])[0])
         return RoutingReference(
             routes=[self.expert_choices(seq) for seq in sequences],
             twin_routes=[twin.expert_choices(seq) for seq in sequences] if twin is not None else None,
             scores=self.score(sequences),
-            replayed=replayed,
-            twin_replayed=twin_replayed if twin is not None else None,
+            replayed=self.score_on_routes(sequences, engine_routes),
+            twin_replayed=twin.score_on_routes(sequences, engine_routes) if twin is not None else None,
         )
 
     def check_routing(self, twin: Trainer, sequences: Sequence[Sequence[int]]) -> None:
@@ -170,12 +163,8 @@ class Trainer(Policy):
             return
         ours = [self.expert_choices(seq) for seq in sequences]
         flips = route_flips([twin.expert_choices(seq) for seq in sequences], ours)
-        replayed = []
-        for seq, routes in zip(sequences, ours):
-            with twin.routes_from(routes):
-                replayed.append(twin.score([seq])[0])
         full = self.score(sequences)
-        own, shared = precision_floor(twin.score(sequences), full), precision_floor(replayed, full)
+        own, shared = precision_floor(twin.score(sequences), full), precision_floor(twin.score_on_routes(sequences, ours), full)
         check_floor(shared, f"{self.architecture}: the precision twin ({twin.dtype}) replaying the fp32 trainer's routes")
         worst = max(flips, key=lambda layer: flips[layer][0] / max(flips[layer][1], 1))
         flipped, decisions = sum(f for f, _ in flips.values()), sum(n for _, n in flips.values())
