@@ -5,7 +5,9 @@ Qwen3 normalises queries and keys; Qwen3-MoE routes each token to 2 of 8 experts
 can differ between engine and trainer. A precision twin that applied the head itself was wrong by 0.08-67
 nats on these shapes, and its floor-scaled bounds passed raw logprobs. Here each runs the semantic layer
 with a bf16 engine and an fp32 lm_head: clean passes, and ``logprobs_mode=raw_logprobs`` fails naming
-``logprobs_mode`` far beyond its bounds.
+``logprobs_mode`` far beyond its bounds. The raw engine is judged in the same run, by a test of the kind a
+user writes with the plugin's fixtures (the stock suite's own check on an engine with that one kwarg changed),
+so each family costs one interpreter with torch and vLLM, not two.
 """
 
 from __future__ import annotations
@@ -38,12 +40,38 @@ FP32 = ["--rlparity-engine-kwarg", "dtype=float32"]
 """The mixture-of-experts shape's precision: in bf16 the reference refuses it (routing flips, below)."""
 
 
-def semantic_run(model, tmp_path, *extra):
+RAW_LOGPROBS_FAULT = """
+import pytest
+
+from pytest_rlparity.layers.semantic import check_completions
+from pytest_rlparity.suite.test_semantic import GRID
+
+FAULT_CASES = [case for case in GRID if case.name in ("temperature", "top_k", "penalties")]
+
+
+@pytest.mark.semantic
+@pytest.mark.parametrize("case", FAULT_CASES, ids=lambda c: c.name)
+def test_raw_logprobs_engine(case, rlparity_session, rlparity_engine_factory, rlparity_trainer, rlparity_prompts, rlparity_tolerance):
+    engine = rlparity_engine_factory(logprobs_mode="raw_logprobs")
+    settings = rlparity_session.seeded(case.settings)
+    completions = engine.generate(rlparity_prompts, settings)
+    recompute = rlparity_trainer.recompute(completions, settings)
+    check_completions(completions, recompute, settings, rlparity_tolerance, tokenizer=rlparity_trainer.tokenizer).raise_if_failed()
+"""
+"""The stock check of sampled logprobs (``test_sampled_logprobs_match_trainer``) on an engine that returns raw
+logprobs, where temperature, top-k or penalties make them differ from processed ones: every case must fail."""
+
+
+def semantic_run(model, tmp_path):
+    """The stock semantic layer on ``model`` (goldens written afresh), then the raw-logprobs fault cases."""
     report = tmp_path / "report.json"
+    fault = tmp_path / "raw_logprobs_fault.py"
+    fault.write_text(RAW_LOGPROBS_FAULT)
     precision = FP32 if "moe" in model.name else BF16_FP32_HEAD
     result = run_pytest(
-        "--rlparity", "-m", "semantic", f"--rlparity-model={model}", f"--rlparity-golden-dir={tmp_path / 'golden'}",
-        "--rlparity-update-goldens", f"--rlparity-report={report}", *precision, *extra,
+        "-c", "pyproject.toml", "--rlparity", "-m", "semantic", "pytest_rlparity/suite", str(fault),
+        f"--rlparity-model={model}", f"--rlparity-golden-dir={tmp_path / 'golden'}", "--rlparity-update-goldens",
+        f"--rlparity-report={report}", *precision,
     )
     return result, json.loads(report.read_text()) if report.exists() else {}
 
@@ -55,16 +83,14 @@ def worst_over_bound(check):
 
 
 def test_the_stock_semantic_layer_passes_clean_and_fails_raw_logprobs(family, tmp_path, no_leaked_engines):
-    clean, report = semantic_run(family, tmp_path / "clean")
-    assert clean.returncode == 0, clean.stdout[-3000:]
-    row = report["layers"]["semantic"]
-    assert row["verdict"] == "ok" and row["skipped"] == 0, row  # EOS and stop cases forced, none skipped
+    result, report = semantic_run(family, tmp_path)
+    assert report, result.stdout[-3000:]
     assert report["run"]["dtype"] == ("float32" if "moe" in family.name else "bfloat16")
-    raw, report = semantic_run(family, tmp_path / "raw", "--rlparity-engine-kwarg", "logprobs_mode=raw_logprobs",
-                               "-k", "match_trainer and (temperature or top_k or penalties)")
-    assert raw.returncode == 1, raw.stdout[-3000:]
-    failed = [t for t in report["tests"] if t["outcome"] == "failed"]
-    assert len(failed) == 3 and {t["cause"] for t in failed} == {"logprobs_mode"}, [(t["nodeid"], t["cause"]) for t in failed]
+    stock = [t for t in report["tests"] if t["nodeid"].startswith("pytest_rlparity/suite/")]
+    failed = [t for t in report["tests"] if t not in stock and t["outcome"] == "failed"]
+    assert len(stock) == 16 and {t["outcome"] for t in stock} == {"passed"}, result.stdout[-3000:]  # EOS and stop cases forced, none skipped
+    assert result.returncode == 1, result.stdout[-3000:]  # the fault cases alone
+    assert len(failed) == 3 and {t["cause"] for t in failed} == {"logprobs_mode"}, [(t["nodeid"], t["cause"]) for t in report["tests"]]
     margins = [worst_over_bound(c) for t in failed for c in t["checks"] if c.get("kind") == "comparison" and c["verdict"] == "fail"]
     assert margins and min(margins) >= FAULT_MARGIN, margins
 
