@@ -93,7 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session = RLParitySession(options, worker=hasattr(config, "workerinput"))
         config.stash[SESSION_KEY] = session
         config.pluginmanager.register(OutcomeRecorder(session.record), "rlparity-outcomes")
-        cpu_workers.wait_passively(config, session.trainer_device)
+        cpu_workers.share_cores(config, session.trainer_device)
         _interrupt_on_sigterm()
 
 
