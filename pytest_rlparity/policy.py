@@ -41,20 +41,20 @@ class Policy:
     def logits(self, sequence: Sequence[int], *, grad: bool = False) -> torch.Tensor:
         """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence``."""
         with torch.set_grad_enabled(grad):
-            return self._forward(self._ids([list(sequence)]))[0]
+            return self._forward(self._ids([list(sequence)]))[0][0]
 
     def _ids(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.as_tensor(rows, device=self.device)
 
     def _forward(self, ids: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
-        """float32 logits of ``ids`` (after the KV in ``past``, if any), and the KV cache grown by ``ids``.
+        """float32 logits ``[rows, len, V]`` of ``ids`` (after the KV in ``past``, if any), and the KV cache grown by ``ids``.
 
         Always the model's own forward, so whatever it does after the head (Gemma2's soft-cap, Granite's
         and Cohere's logit scale) or before it (MiniCPM3's hidden scaling) is applied; only the head's
         matmul runs in ``head_dtype`` (:meth:`_head_in`)."""
         with self._head_in(self.head_dtype, self._head):
             out = self.model(input_ids=ids, past_key_values=past, use_cache=past is not None)
-        return out.logits[0].float(), out.past_key_values
+        return out.logits.float(), out.past_key_values
 
     @contextlib.contextmanager
     def _head_in(self, head_dtype: str, weight: torch.Tensor | None = None) -> Iterator[None]:
@@ -188,7 +188,19 @@ class Policy:
             with self.weights(old):
                 before, cache = self._forward(ids[:, :boundary], DynamicCache())
             after, _ = self._forward(ids[:, boundary:], cache)
-        return torch.cat([before, after])[start : start + len(token_ids)]
+        return torch.cat([before[0], after[0]])[start : start + len(token_ids)]
+
+    def completions_logits(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, grad: bool = False) -> list[torch.Tensor]:
+        """:meth:`completion_logits` of each ``(prompt_ids, token_ids)`` pair, in one forward of the rows padded
+        on the right: causal attention keeps the padding out of every real position, so only rounding differs
+        from one forward per pair. For the optimizer step, one forward a batch as trainers run it; recomputes,
+        the reference, take one pair at a time (:meth:`completion_logits`), the path :meth:`check_logits_path` checks."""
+        rows = [(list(p) + list(t))[:-1] for p, t in pairs]
+        width = max(map(len, rows))
+        ids = self._ids([row + [0] * (width - len(row)) for row in rows])
+        with torch.set_grad_enabled(grad):
+            logits = self._forward(ids)[0]
+        return [logits[i, len(p) - 1 : len(p) - 1 + len(t)] for i, (p, t) in enumerate(pairs)]
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the weights in host memory: a history of versions must not crowd the GPU the engines share."""

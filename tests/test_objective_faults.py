@@ -104,3 +104,14 @@ def test_bf16_on_policy_bounds_grow_with_the_steps_precision_floor():
         check_on_policy([small_floor], bf16)
     with pytest.raises(ParityError, match=r"mean_abs_log_ratio 0.5 \(bound 0.24, 4x this step's precision floor\)"):
         check_on_policy([metrics(0, mean_abs_log_ratio=0.5, floor_mean_abs_log_ratio=0.06)], bf16)
+
+
+def test_the_optimizer_steps_forward_gives_each_completion_of_the_batch_its_own_logits(trainer, prompts):
+    """The loop's optimizer step runs all completions in one forward, padded on the right: each must get the
+    logits its own forward gives (rounding aside), whatever the lengths beside it."""
+    import torch
+
+    pairs = [(prompt, prompt[1 : 1 + n]) for prompt, n in zip(prompts, (3, 9, 1, 6))]
+    assert len({len(p) + len(t) for p, t in pairs}) > 1, "rows of one length would need no padding"
+    for (prompt, tokens), batched in zip(pairs, trainer.completions_logits(pairs), strict=True):
+        torch.testing.assert_close(batched, trainer.completion_logits(prompt, tokens), rtol=0, atol=1e-4)

@@ -189,7 +189,7 @@ def test_a_trainer_path_that_skips_the_models_post_head_step_is_refused_before_i
         out = self.model.get_decoder()(input_ids=ids, past_key_values=past, use_cache=past is not None)
         head = self.model.get_output_embeddings().weight if self._head is None else self._head
         dtype = getattr(torch, self.head_dtype)
-        return torch.nn.functional.linear(out.last_hidden_state[0].to(dtype), head.to(dtype)).float(), out.past_key_values
+        return torch.nn.functional.linear(out.last_hidden_state.to(dtype), head.to(dtype)).float(), out.past_key_values
 
     monkeypatch.setattr(Policy, "_forward", head_on_the_decoder)
     trainer = Trainer(softcapped, twin=("bfloat16", "float32"))

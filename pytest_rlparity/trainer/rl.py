@@ -188,12 +188,12 @@ class RLLoop:
         cfg = self.config
         self.trainer.model.train()
         first_clip = 0.0
+        device = self.trainer.device
         for epoch in range(cfg.epochs):
             losses, clipped, counted = [], 0.0, 0
-            for c, lp_b, adv in zip(completions, behaviour, advantages):
-                logits = self.trainer.completion_logits(c.prompt_ids, c.token_ids, grad=True)
+            batch = self.trainer.completions_logits([(c.prompt_ids, c.token_ids) for c in completions], grad=True)
+            for c, logits, lp_b, adv in zip(completions, batch, behaviour, advantages):
                 lp = sampling.processed_logprobs(logits, settings, c.prompt_ids, c.token_ids)
-                device = self.trainer.device
                 lp_new = lp.gather(1, torch.as_tensor(c.token_ids, device=device).unsqueeze(1)).squeeze(1)
                 old = torch.as_tensor(lp_b, dtype=torch.float32, device=device)
                 mask = torch.isfinite(lp_new) & torch.isfinite(old)
