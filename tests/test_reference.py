@@ -264,7 +264,21 @@ def test_a_migration_may_sample_other_tokens_from_position_0_and_says_only_stati
     tolerance = numerics_for("float32").golden
     assert NOTHING_COMPARED in compare_golden(golden, record, tolerance, migration=False).problems
     migrated = compare_golden(golden, record, tolerance, migration=True)
-    assert not migrated.problems and "only the statistics were compared" in migrated.notes[-1]
+    assert not migrated.problems and "(another sampler): only the statistics were compared" in migrated.notes[-1]
+
+
+def test_another_seed_may_sample_other_tokens_from_position_0_and_says_only_statistics_were_compared():
+    """Another suite seed (--rlparity-seed) is another clean draw: on a high-entropy case every sequence may
+    differ from the golden's at its first token (seed 1, top-p, on the embedded model); the golden's own seed may not."""
+    from pytest_rlparity.golden import NOTHING_COMPARED, Snapshot, compare_golden
+
+    golden = {"sequences": [{"prompt": [0], "tokens": [5, 6], "logprobs": [-1.0, -1.0]}], "stats": {}, "sampling": {"seed": 0}}
+    tolerance = numerics_for("float32").golden
+    for seed, expected in ((0, [NOTHING_COMPARED]), (1, [])):
+        record = Snapshot(sequences=[{"prompt": [0], "tokens": [7, 6], "logprobs": [-9.0, -9.0]}], stats={}, sampling={"seed": seed})
+        diff = compare_golden(golden, record, tolerance, migration=False)
+        assert diff.problems == expected, (seed, diff.problems)
+    assert "(another seed): only the statistics were compared" in diff.notes[-1]
 
 
 def test_an_eos_finish_is_forced_where_free_draws_never_end_by_eos(hf_engine, trainer, prompts):
