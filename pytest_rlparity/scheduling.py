@@ -21,20 +21,21 @@ back into the node id where the schedulers read it.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
+from .cpu_workers import cores
+
 SESSION_ENGINE_GROUP = "session-engine"
 """The xdist group of every test on the session's engine (``rlparity_engine``): its configuration starts
 in one worker, not in each worker that happens to get one of its tests."""
 
 AUTO_WORKERS = {"cpu": 2, "cuda": 5}
-"""Workers for ``pytest --rlparity -n auto``, by the engine's device. On CPU each worker's trainer and
-engine use every core: two workers are the measured best on 2 cores (docs/benchmarks.md). On a GPU
+"""Workers for ``pytest --rlparity -n auto``, by the engine's device. On CPU two workers, each on its
+share of the cores (``cpu_workers``), are the measured best on 2 cores (docs/benchmarks.md). On a GPU
 the suite's five long groups (the in-flight checks' process start, three RL runs, the path checks)
 each take a worker and the short groups fill in behind them: more workers only start more engines."""
 
@@ -58,8 +59,9 @@ def group_session_engine_tests(item: pytest.Item) -> None:
 
 
 def auto_workers(device: str) -> int:
-    """:data:`AUTO_WORKERS` for ``device``, never more than the machine's cores."""
-    return max(1, min(AUTO_WORKERS.get(device, 1), os.cpu_count() or 1))
+    """:data:`AUTO_WORKERS` for ``device``, never more than the cores this process may run on (a container
+    limited to fewer cores than its host gets fewer workers, as their thread share counts them)."""
+    return max(1, min(AUTO_WORKERS.get(device, 1), cores()))
 
 
 def keep_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> int:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pytest_rlparity.cpu_workers import cores
 from pytest_rlparity.scheduling import auto_workers, engine_group_scheduling, without_group
 from pytest_rlparity.suite import LONGEST_FIRST
 
@@ -136,11 +137,14 @@ def test_a_parity_run_on_n_auto_groups_the_session_engine_tests_and_takes_the_me
     assert len(on_engine) == 3 and len({line.split()[0] for line in on_engine}) == 1, result.outlines
 
 
-def test_auto_workers_follow_the_measurements_and_never_exceed_the_cores():
-    cores = os.cpu_count() or 1
-    assert auto_workers("cpu") == min(2, cores)
-    assert auto_workers("cuda") == min(5, cores)
+def test_auto_workers_follow_the_measurements_and_never_exceed_the_cores(monkeypatch):
+    assert auto_workers("cpu") == min(2, cores())
+    assert auto_workers("cuda") == min(5, cores())
     assert auto_workers("unknown") == 1
+    # A container held to one core of a larger host: one worker, not one per core of the host.
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert auto_workers("cpu") == auto_workers("cuda") == 1
 
 
 def test_a_node_id_loses_its_group_suffix_and_keeps_an_at_sign_of_its_own():
