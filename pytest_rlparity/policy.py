@@ -38,9 +38,10 @@ class Policy:
         """Whether the lm_head is the input embedding (one tensor here; an engine may hold two)."""
         self._head: torch.Tensor | None = None
 
-    def logits(self, sequence: Sequence[int], *, grad: bool = False) -> torch.Tensor:
-        """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence``."""
-        with torch.set_grad_enabled(grad):
+    def logits(self, sequence: Sequence[int]) -> torch.Tensor:
+        """float32 next-token logits ``[len(sequence), V]`` for every prefix of ``sequence`` (no gradient: the
+        optimizer step's forward is :meth:`completions_logits`)."""
+        with torch.no_grad():
             return self._forward(self._ids([list(sequence)]))[0][0]
 
     def _ids(self, rows: list[list[int]]) -> torch.Tensor:
@@ -166,7 +167,7 @@ class Policy:
         return ", ".join(getattr(self.model.config, "architectures", None) or [type(self.model).__name__])
 
     def completion_logits(
-        self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, grad: bool = False, old_kv: tuple[dict[str, torch.Tensor], int] | None = None
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], *, old_kv: tuple[dict[str, torch.Tensor], int] | None = None
     ) -> torch.Tensor:
         """Logits at the positions that predict each completion token: ``[len(token_ids), V]``.
 
@@ -178,7 +179,7 @@ class Policy:
         full = list(prompt_ids) + list(token_ids)
         start = len(prompt_ids) - 1
         if old_kv is None:
-            return self.logits(full[:-1], grad=grad)[start : start + len(token_ids)]
+            return self.logits(full[:-1])[start : start + len(token_ids)]
         from transformers import DynamicCache
 
         old, k = old_kv
